@@ -1,0 +1,39 @@
+# Deja: the two commands are `make run` and `make test`.
+PYTHON ?= python3.11
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+DATA_DIR ?= data/demo
+HOST ?= 127.0.0.1
+PORT ?= 8000
+STAMP := $(VENV)/.installed
+
+.PHONY: install run test lint bench demo clean
+
+install: $(STAMP)
+
+# Re-installs only when the project's metadata changed; torch first so nothing pulls a CUDA build.
+$(STAMP): pyproject.toml
+	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON)"; exit 1; }
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[dev]'
+	touch $(STAMP)
+
+run: install
+	HF_HUB_OFFLINE=1 $(VENV)/bin/deja demo --data-dir $(DATA_DIR) --if-empty
+	HF_HUB_OFFLINE=1 $(VENV)/bin/deja serve --data-dir $(DATA_DIR) --host $(HOST) --port $(PORT)
+
+test: install
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+
+lint: install
+	$(VENV)/bin/ruff check kb embeddings novelty api handoff tests bench
+	$(VENV)/bin/mypy
+
+bench: install
+	HF_HUB_OFFLINE=1 $(PY) -m bench.quality --out bench/results
+
+clean:
+	rm -rf $(VENV) data/demo
