@@ -1,0 +1,412 @@
+"""The knowledge base: one DuckDB file (or ``":memory:"``), the source of truth.
+
+Threads share one :class:`Store`; each thread reads through its own cursor, and writes are
+serialised by a lock and wrapped in a transaction, so a write is all-or-nothing and a 2xx answer is
+only sent after it committed.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import numpy as np
+import numpy.typing as npt
+
+from kb.errors import DataDirLocked, IncidentNotFound
+from kb.migrations import migrate
+
+__all__ = ["DecisionRecord", "Incident", "NewIncident", "Store"]
+
+Vectors = npt.NDArray[np.float32]
+
+
+@dataclass(frozen=True)
+class NewIncident:
+    """An incident to add; ``masked`` and ``fingerprint`` come from the caller's normaliser."""
+
+    title: str
+    masked: str
+    fingerprint: str
+    origin: str = "ingest"
+    client_id: str | None = None
+    text: str | None = None
+    service: str | None = None
+    severity: str | None = None
+    source: str | None = None
+    labels: dict[str, str] = field(default_factory=dict)
+    occurred_at: datetime | None = None
+    resolution: dict[str, Any] | None = None
+    resolution_key: str | None = None
+    outcome: str | None = None
+    decision_id: str | None = None
+
+
+@dataclass(frozen=True)
+class Incident:
+    kb_id: int
+    client_id: str | None
+    title: str
+    text: str | None
+    service: str | None
+    severity: str | None
+    source: str | None
+    labels: dict[str, str]
+    occurred_at: datetime | None
+    masked: str
+    fingerprint: str
+    resolution: dict[str, Any] | None
+    resolution_key: str | None
+    outcome: str | None
+    origin: str
+    created_at: datetime
+
+    @property
+    def ref(self) -> str:
+        """The id clients know it by: their own id, else the KB id."""
+        return self.client_id or kb_ref(self.kb_id)
+
+
+@dataclass(frozen=True)
+class DecisionRecord:
+    """One audited verdict: enough to see later why it was taken."""
+
+    decision_id: str
+    event: dict[str, Any]
+    fingerprint: str
+    service: str | None
+    severity: str | None
+    decision: str
+    score: float
+    is_novel: bool
+    threshold: float
+    confidence: float
+    components: dict[str, float]
+    neighbor_ids: list[int]
+    neighbor_similarities: list[float]
+    reasons: list[str]
+    resolution: dict[str, Any] | None
+    policy_version: int
+    model_id: str
+    created_at: datetime | None = None
+
+
+def kb_ref(kb_id: int) -> str:
+    return f"kb-{kb_id}"
+
+
+def parse_kb_ref(ref: str) -> int | None:
+    if ref.startswith("kb-") and ref[3:].isdigit():
+        return int(ref[3:])
+    return None
+
+
+_INCIDENT_COLS = ("kb_id, client_id, title, text, service, severity, source, labels, occurred_at, "
+                  "masked, fingerprint, resolution, resolution_key, outcome, origin, created_at")
+_DECISION_COLS = ("decision_id, event, fingerprint, service, severity, decision, score, is_novel, "
+                  "threshold, confidence, components, neighbor_ids, neighbor_similarities, reasons, "
+                  "resolution, policy_version, model_id, created_at")
+
+
+def _loads(value: Any) -> Any:
+    return json.loads(value) if isinstance(value, str) else value
+
+
+def _incident(row: tuple[Any, ...]) -> Incident:
+    return Incident(
+        kb_id=row[0], client_id=row[1], title=row[2], text=row[3], service=row[4], severity=row[5],
+        source=row[6], labels=_loads(row[7]) or {}, occurred_at=row[8], masked=row[9],
+        fingerprint=row[10], resolution=_loads(row[11]), resolution_key=row[12], outcome=row[13],
+        origin=row[14], created_at=row[15])
+
+
+def _decision(row: tuple[Any, ...]) -> DecisionRecord:
+    return DecisionRecord(
+        decision_id=row[0], event=_loads(row[1]), fingerprint=row[2], service=row[3],
+        severity=row[4], decision=row[5], score=row[6], is_novel=row[7], threshold=row[8],
+        confidence=row[9], components=_loads(row[10]), neighbor_ids=_loads(row[11]),
+        neighbor_similarities=_loads(row[12]), reasons=_loads(row[13]),
+        resolution=_loads(row[14]), policy_version=row[15], model_id=row[16], created_at=row[17])
+
+
+class Store:
+    """DuckDB-backed knowledge base. ``Store(":memory:")`` for tests, ``Store(path)`` to persist."""
+
+    def __init__(self, path: str | Path = ":memory:") -> None:
+        self.path = str(path)
+        try:
+            self._con = duckdb.connect(self.path)
+        except duckdb.IOException as exc:
+            if "lock" in str(exc).lower():
+                raise DataDirLocked(f"{self.path} is in use by another process: {exc}") from exc
+            raise
+        self._write_lock = threading.RLock()
+        self._local = threading.local()
+        self._cursors: list[duckdb.DuckDBPyConnection] = []
+        with self._write_lock:
+            migrate(self._con)
+
+    # -- plumbing ---------------------------------------------------------------------------
+    def _cur(self) -> duckdb.DuckDBPyConnection:
+        cur: duckdb.DuckDBPyConnection | None = getattr(self._local, "cur", None)
+        if cur is None:
+            cur = self._con.cursor()
+            self._local.cur = cur
+            self._cursors.append(cur)
+        return cur
+
+    @contextmanager
+    def transaction(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        """One writer at a time; everything inside commits together or not at all."""
+        with self._write_lock:
+            cur = self._cur()
+            cur.execute("BEGIN TRANSACTION")
+            try:
+                yield cur
+            except BaseException:
+                cur.execute("ROLLBACK")
+                raise
+            cur.execute("COMMIT")
+
+    def checkpoint(self) -> None:
+        with self._write_lock:
+            self._cur().execute("CHECKPOINT")
+
+    def close(self) -> None:
+        with self._write_lock:
+            for cur in self._cursors:
+                cur.close()
+            self._cursors.clear()
+            self._con.close()
+
+    def sql(self, query: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        """Run a read-only query on this thread's cursor (for notebooks and reports)."""
+        return self._cur().execute(query, list(params)).fetchall()
+
+    # -- incidents ------------------------------------------------------------------------------
+    def add_incidents(self, items: Sequence[NewIncident]) -> list[tuple[int, bool]]:
+        """Insert incidents in one transaction; return ``(kb_id, created)`` per item, in order.
+
+        An item whose ``client_id`` is already in the KB (or earlier in ``items``) is not inserted
+        again: its existing kb_id is returned with ``created=False``.
+        """
+        if not items:
+            return []
+        with self.transaction() as cur:
+            ids = [i.client_id for i in items if i.client_id is not None]
+            existing: dict[str, int] = {}
+            if ids:
+                rows = cur.execute(
+                    "SELECT client_id, kb_id FROM incidents WHERE client_id IN "
+                    "(SELECT unnest($1))", [ids]).fetchall()
+                existing = {r[0]: r[1] for r in rows}
+            fresh: list[NewIncident] = []
+            seen: set[str] = set()
+            for item in items:
+                if item.client_id is not None:
+                    if item.client_id in existing or item.client_id in seen:
+                        continue
+                    seen.add(item.client_id)
+                fresh.append(item)
+            new_ids: list[int] = []
+            if fresh:
+                new_ids = [r[0] for r in cur.execute(
+                    "SELECT nextval('incident_seq') FROM range($1)", [len(fresh)]).fetchall()]
+                cols = _columns(fresh, new_ids)
+                cur.execute(
+                    "INSERT INTO incidents (kb_id, client_id, title, text, service, severity, "
+                    "source, labels, occurred_at, masked, fingerprint, resolution, resolution_key, "
+                    "outcome, origin, decision_id) SELECT unnest($1), unnest($2), unnest($3), "
+                    "unnest($4), unnest($5), unnest($6), unnest($7), unnest($8)::JSON, "
+                    "unnest($9)::TIMESTAMPTZ, unnest($10), unnest($11), unnest($12)::JSON, "
+                    "unnest($13), unnest($14), unnest($15), unnest($16)", cols)
+        out: list[tuple[int, bool]] = []
+        fresh_iter = iter(new_ids)
+        assigned: dict[str, int] = dict(existing)
+        for item in items:
+            if item.client_id is not None and item.client_id in assigned:
+                out.append((assigned[item.client_id], False))
+                continue
+            kb_id = next(fresh_iter)
+            if item.client_id is not None:
+                assigned[item.client_id] = kb_id
+            out.append((kb_id, True))
+        return out
+
+    def get_incident(self, ref: str) -> Incident:
+        """By client id first, then by KB id (``kb-<n>``); raises :class:`IncidentNotFound`."""
+        cur = self._cur()
+        row = cur.execute(f"SELECT {_INCIDENT_COLS} FROM incidents WHERE client_id = ?",
+                          [ref]).fetchone()
+        kb_id = parse_kb_ref(ref)
+        if row is None and kb_id is not None:
+            row = cur.execute(f"SELECT {_INCIDENT_COLS} FROM incidents WHERE kb_id = ?",
+                              [kb_id]).fetchone()
+        if row is None:
+            raise IncidentNotFound(ref)
+        return _incident(row)
+
+    def incidents_by_id(self, kb_ids: Sequence[int]) -> dict[int, Incident]:
+        if not kb_ids:
+            return {}
+        rows = self._cur().execute(
+            f"SELECT {_INCIDENT_COLS} FROM incidents WHERE kb_id IN (SELECT unnest($1))",
+            [list(kb_ids)]).fetchall()
+        return {r[0]: _incident(r) for r in rows}
+
+    def incidents_after(self, kb_id: int) -> list[tuple[int, str, str, str | None, str | None]]:
+        """``(kb_id, fingerprint, masked, service, resolution_key)`` of rows above ``kb_id``."""
+        return [tuple(r) for r in self._cur().execute(  # type: ignore[misc]
+            "SELECT kb_id, fingerprint, masked, service, resolution_key FROM incidents "
+            "WHERE kb_id > ? ORDER BY kb_id", [kb_id]).fetchall()]
+
+    def count_incidents(self) -> int:
+        row = self._cur().execute("SELECT count(*) FROM incidents").fetchone()
+        return int(row[0]) if row else 0
+
+    def max_kb_id(self) -> int:
+        row = self._cur().execute("SELECT coalesce(max(kb_id), 0) FROM incidents").fetchone()
+        return int(row[0]) if row else 0
+
+    # -- embedding cache (embeddings.VectorStore) -------------------------------------------------
+    def get_vectors(self, model_id: str, keys: Sequence[str]) -> dict[str, Vectors]:
+        if not keys:
+            return {}
+        res = self._cur().execute(
+            "SELECT fingerprint, vector FROM embeddings WHERE model_id = $1 AND fingerprint IN "
+            "(SELECT unnest($2))", [model_id, list(keys)]).fetchnumpy()
+        return {str(k): np.asarray(v, dtype=np.float32)
+                for k, v in zip(res["fingerprint"], res["vector"], strict=True)}
+
+    def put_vectors(self, model_id: str, items: dict[str, Vectors]) -> None:
+        if not items:
+            return
+        keys = list(items)
+        matrix = np.stack([items[k] for k in keys]).astype(np.float32)
+        dim = matrix.shape[1]
+        # One numpy column per dimension, assembled into a list in SQL: ~40x faster than
+        # passing Python lists of floats.
+        unnests = ", ".join(f"unnest(${i + 3}) AS c{i}" for i in range(dim))
+        listed = ", ".join(f"c{i}" for i in range(dim))
+        with self.transaction() as cur:
+            cur.execute(
+                f"INSERT INTO embeddings (fingerprint, model_id, vector) "
+                f"SELECT k, $2, [{listed}]::FLOAT[] FROM (SELECT unnest($1) AS k, {unnests}) "
+                f"ON CONFLICT DO NOTHING",
+                [keys, model_id, *[np.ascontiguousarray(matrix[:, i]) for i in range(dim)]])
+
+    def vectors_for_incidents(self, model_id: str, after_kb_id: int = 0
+                              ) -> tuple[npt.NDArray[np.int64], Vectors, list[str]]:
+        """KB ids above ``after_kb_id`` that have a stored vector, with it, in kb_id order.
+
+        Also returns the fingerprints of rows that have no vector for this model yet.
+        """
+        cur = self._cur()
+        res = cur.execute(
+            "SELECT i.kb_id, e.vector FROM incidents i JOIN embeddings e "
+            "ON e.fingerprint = i.fingerprint AND e.model_id = $1 WHERE i.kb_id > $2 "
+            "ORDER BY i.kb_id", [model_id, after_kb_id]).fetchnumpy()
+        missing = [r[0] for r in cur.execute(
+            "SELECT DISTINCT i.fingerprint FROM incidents i ANTI JOIN embeddings e "
+            "ON e.fingerprint = i.fingerprint AND e.model_id = $1 WHERE i.kb_id > $2",
+            [model_id, after_kb_id]).fetchall()]
+        ids = np.asarray(res["kb_id"], dtype=np.int64)
+        matrix = (np.stack(list(res["vector"])).astype(np.float32) if len(ids)
+                  else np.zeros((0, 0), dtype=np.float32))
+        return ids, matrix, missing
+
+    # -- decisions, feedback, track records -----------------------------------------------------
+    def add_decisions(self, records: Sequence[DecisionRecord]) -> None:
+        if not records:
+            return
+        cols: list[list[Any]] = [[] for _ in range(17)]
+        for r in records:
+            values = (r.decision_id, json.dumps(r.event), r.fingerprint, r.service, r.severity,
+                      r.decision, r.score, r.is_novel, r.threshold, r.confidence,
+                      json.dumps(r.components), json.dumps(r.neighbor_ids),
+                      json.dumps(r.neighbor_similarities), json.dumps(r.reasons),
+                      json.dumps(r.resolution) if r.resolution is not None else None,
+                      r.policy_version, r.model_id)
+            for col, value in zip(cols, values, strict=True):
+                col.append(value)
+        with self.transaction() as cur:
+            cur.execute(
+                "INSERT INTO decisions (decision_id, event, fingerprint, service, severity, "
+                "decision, score, is_novel, threshold, confidence, components, neighbor_ids, "
+                "neighbor_similarities, reasons, resolution, policy_version, model_id) SELECT "
+                + ", ".join(
+                    f"unnest(${i + 1})" + ("::JSON" if i in (1, 10, 11, 12, 13, 14) else "")
+                    for i in range(17)), cols)
+
+    def get_decision(self, decision_id: str) -> DecisionRecord | None:
+        row = self._cur().execute(f"SELECT {_DECISION_COLS} FROM decisions WHERE decision_id = ?",
+                                  [decision_id]).fetchone()
+        return _decision(row) if row else None
+
+    def list_decisions(self, limit: int = 50, decision: str | None = None
+                       ) -> list[DecisionRecord]:
+        query = f"SELECT {_DECISION_COLS} FROM decisions"
+        params: list[Any] = []
+        if decision is not None:
+            query += " WHERE decision = ?"
+            params.append(decision)
+        query += " ORDER BY created_at DESC, decision_id DESC LIMIT ?"
+        params.append(limit)
+        return [_decision(r) for r in self._cur().execute(query, params).fetchall()]
+
+    def count_decisions(self) -> int:
+        row = self._cur().execute("SELECT count(*) FROM decisions").fetchone()
+        return int(row[0]) if row else 0
+
+    def add_feedback(self, decision_id: str, *, correct: bool, novel: bool | None,
+                     resolution: dict[str, Any] | None, resolution_key: str | None,
+                     outcome: str | None, note: str | None,
+                     incident: NewIncident | None) -> tuple[str, int | None]:
+        """Record feedback, the incident it teaches and the outcome, all in one transaction."""
+        feedback_id = f"fb-{uuid.uuid4().hex}"
+        with self.transaction():
+            kb_id = self.add_incidents([incident])[0][0] if incident is not None else None
+            cur = self._cur()
+            cur.execute(
+                "INSERT INTO feedback (feedback_id, decision_id, correct, novel, resolution, "
+                "outcome, note, kb_id) VALUES (?, ?, ?, ?, ?::JSON, ?, ?, ?)",
+                [feedback_id, decision_id, correct, novel,
+                 json.dumps(resolution) if resolution is not None else None, outcome, note,
+                 kb_id])
+            # An incident created here already carries its outcome; recording it again would
+            # count it twice in the track record.
+            if outcome is not None and resolution_key is not None and incident is None:
+                cur.execute(
+                    "INSERT INTO resolution_outcomes (resolution_key, outcome, source, ref) "
+                    "VALUES (?, ?, 'feedback', ?)", [resolution_key, outcome, decision_id])
+        return feedback_id, kb_id
+
+    def track_records(self) -> dict[str, tuple[int, int]]:
+        """Per resolution key: (successes, failures) over KB incidents and recorded outcomes."""
+        rows = self._cur().execute("""
+            SELECT resolution_key, count(*) FILTER (WHERE outcome = 'resolved'),
+                   count(*) FILTER (WHERE outcome = 'failed')
+            FROM (SELECT resolution_key, outcome FROM incidents WHERE resolution_key IS NOT NULL
+                  UNION ALL SELECT resolution_key, outcome FROM resolution_outcomes)
+            GROUP BY resolution_key""").fetchall()
+        return {r[0]: (int(r[1]), int(r[2])) for r in rows}
+
+
+def _columns(items: Sequence[NewIncident], kb_ids: Sequence[int]) -> list[list[Any]]:
+    cols: list[list[Any]] = [list(kb_ids)] + [[] for _ in range(15)]
+    for it in items:
+        values = (it.client_id, it.title, it.text, it.service, it.severity, it.source,
+                  json.dumps(it.labels), it.occurred_at, it.masked, it.fingerprint,
+                  json.dumps(it.resolution) if it.resolution is not None else None,
+                  it.resolution_key, it.outcome, it.origin, it.decision_id)
+        for col, value in zip(cols[1:], values, strict=True):
+            col.append(value)
+    return cols

@@ -1,0 +1,480 @@
+"""kNN novelty with lexical fusion, local density and conformal calibration.
+
+Higher is more novel, everywhere in this package and in the API.
+
+The unit of the knowledge base here is the *fingerprint group*: incidents whose masked text is
+identical share one vector, so the FAISS index holds one entry per group (keyed by the group's
+first KB id) and duplicates count as weight instead of collapsing density to zero.
+
+For a query, the dense top-``candidates`` groups are re-ranked by a fused similarity
+``w·cosine + (1−w)·jaccard(masked tokens)``; identical fingerprints are similarity 1. The raw
+novelty is ``(1 − best fused similarity) · density factor``, where the density factor compares the
+nearest group's own neighbour distance ρ with the KB's median ρ₀ (``(2ρ₀/(ρ+ρ₀))^β``: > 1 near a
+tight cluster, < 1 inside a broad, varied family, bounded in (0, 2^β]).
+
+``fit`` learns ``w`` and ``β`` from the KB itself, without labels: it mines kinds (templates), then
+compares leave-one-fingerprint-out scores of items that have kin (familiar by construction) with
+leave-one-kind-out scores (novel by construction) and keeps the weights with the best separation.
+The familiar scores, per service, are the conformal reference that turns a raw score into a
+p-value and an α-level threshold (:mod:`novelty.calibration`).
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
+from sklearn.metrics import roc_auc_score
+
+from embeddings.normalize import lexical_tokens
+from novelty.calibration import Reference
+from novelty.index import VectorIndex
+from novelty.templates import TemplateMiner
+
+__all__ = ["Item", "Neighbour", "NoveltyResult", "NoveltyScorer", "Query"]
+
+Vector = npt.NDArray[np.float32]
+GLOBAL = "*"
+
+
+@dataclass(frozen=True)
+class Item:
+    """A KB incident as the scorer sees it."""
+
+    kb_id: int
+    fingerprint: str
+    masked: str
+    service: str | None = None
+    resolution_key: str | None = None
+
+
+@dataclass(frozen=True)
+class Query:
+    vector: Vector
+    fingerprint: str
+    masked: str
+    service: str | None = None
+
+
+@dataclass(frozen=True)
+class Neighbour:
+    """A fingerprint group near the query; ``kb_ids`` are its incidents, oldest first."""
+
+    kb_ids: tuple[int, ...]
+    similarity: float
+    cosine: float
+    lexical: float
+    resolutions: tuple[tuple[str, int], ...]
+
+
+@dataclass(frozen=True)
+class NoveltyResult:
+    score: float
+    is_novel: bool
+    threshold: float
+    p_value: float
+    raw: float
+    raw_threshold: float
+    nearest_similarity: float
+    reference: str
+    components: dict[str, float]
+    neighbours: list[Neighbour] = field(default_factory=list)
+
+
+def _jaccard(a: frozenset[str], b: frozenset[str]) -> float:
+    if not a and not b:
+        return 1.0
+    inter = len(a & b)
+    return inter / (len(a) + len(b) - inter)
+
+
+class NoveltyScorer:
+    """Novelty of events against a growing KB; see the module docstring for the method.
+
+    Parameters (each a trade-off, none tuned to a data set):
+
+    - ``candidates``: dense neighbours re-ranked lexically. More finds look-alikes the dense
+      ranking put lower, at a linear cost per check.
+    - ``min_reference``: familiar scores a service needs before it gets its own threshold;
+      fewer fall back to the global reference (a threshold from few scores is noisy).
+    - ``max_calibration``: fingerprint groups sampled by ``fit``; bounds its cost on big KBs.
+    - ``kind_similarity``: the template miner's join threshold (see :mod:`novelty.templates`).
+    - ``default_threshold``: raw threshold used only while the KB has no kinds to learn from.
+
+    ``is_novel`` holds the false-escalation rate of familiar events near ``alpha`` (conformal,
+    see :class:`novelty.calibration.Reference`).
+    """
+
+    WEIGHTS = tuple(round(0.1 * i, 1) for i in range(11))
+    BETAS = (0.0, 0.5, 1.0)
+
+    def __init__(self, index: VectorIndex, *, candidates: int = 32, min_reference: int = 20,
+                 max_calibration: int = 4000, kind_similarity: float = 0.5,
+                 default_threshold: float = 0.25, seed: int = 0) -> None:
+        self.index = index
+        self.candidates = candidates
+        self.min_reference = min_reference
+        self.max_calibration = max_calibration
+        self.default_threshold = default_threshold
+        self.seed = seed
+        self._miner = TemplateMiner(kind_similarity)
+        self._fp_gid: dict[str, int] = {}
+        self._rep: list[int] = []
+        self._rep_gid: dict[int, int] = {}
+        self._tokens: list[frozenset[str]] = []
+        self._service: list[str | None] = []
+        self._kind: list[int] = []
+        self._members: list[list[int]] = []
+        self._resolutions: list[Counter[str]] = []
+        self._rho: list[float] = []
+        self._lock = threading.RLock()
+        # Learned by fit(); usable defaults until then.
+        self.weight_ = 0.5
+        self.beta_ = 0.0
+        self.rho0_ = 1.0
+        self.references_: dict[str, Reference] = {}
+        self.fallback_threshold_ = default_threshold
+        self.separation_ = math.nan
+        self.fitted_groups_ = 0
+
+    # -- growing the KB ----------------------------------------------------------------------------
+    @property
+    def groups(self) -> int:
+        return len(self._rep)
+
+    @property
+    def incidents(self) -> int:
+        return sum(len(m) for m in self._members)
+
+    def add(self, items: Sequence[Item], vectors: Vector | None) -> list[int]:
+        """Register incidents; new fingerprints get a vector in the index (row-aligned ``vectors``).
+
+        With ``vectors=None`` the index is assumed to hold the groups already (restoring from a
+        saved index). Returns the KB ids that became new index entries.
+        """
+        with self._lock:
+            new_rows: list[int] = []
+            new_reps: list[int] = []
+            for row, item in enumerate(items):
+                gid = self._fp_gid.get(item.fingerprint)
+                if gid is None:
+                    gid = self._new_group(item)
+                    new_rows.append(row)
+                    new_reps.append(item.kb_id)
+                self._members[gid].append(item.kb_id)
+                if item.resolution_key is not None:
+                    self._resolutions[gid][item.resolution_key] += 1
+            if vectors is not None and new_rows:
+                fresh = np.ascontiguousarray(vectors[new_rows], dtype=np.float32)
+                self.index.add(np.asarray(new_reps, dtype=np.int64), fresh)
+                self._update_density([self._rep_gid[r] for r in new_reps], fresh)
+            return new_reps
+
+    def add_resolution(self, kb_id: int, resolution_key: str) -> None:
+        with self._lock:
+            for gid, members in enumerate(self._members):
+                if kb_id in members:
+                    self._resolutions[gid][resolution_key] += 1
+                    return
+
+    def _new_group(self, item: Item) -> int:
+        gid = len(self._rep)
+        self._fp_gid[item.fingerprint] = gid
+        self._rep.append(item.kb_id)
+        self._rep_gid[item.kb_id] = gid
+        self._tokens.append(lexical_tokens(item.masked))
+        self._service.append(item.service)
+        self._kind.append(self._miner.add(item.masked.split()))
+        self._members.append([])
+        self._resolutions.append(Counter())
+        self._rho.append(math.nan)
+        return gid
+
+    def _candidates(self, vectors: Vector, k: int) -> list[list[tuple[int, float]]]:
+        sims, ids = self.index.search(vectors, k)
+        return [[(self._rep_gid[int(i)], float(s)) for s, i in zip(srow, irow, strict=True)
+                 if i >= 0 and int(i) in self._rep_gid] for srow, irow in zip(sims, ids, strict=True)]
+
+    def _update_density(self, gids: list[int], vectors: Vector) -> None:
+        """ρ of new groups, and of old groups the new ones came closer to than their neighbour."""
+        w = self.weight_
+        for gid, cands in zip(gids, self._candidates(vectors, self.candidates + 1), strict=True):
+            best = math.inf
+            for other, cos in cands:
+                if other == gid:
+                    continue
+                d = 1.0 - (w * cos + (1 - w) * _jaccard(self._tokens[gid], self._tokens[other]))
+                best = min(best, d)
+                if not self._rho[other] <= d:
+                    self._rho[other] = d
+            if best < math.inf:
+                self._rho[gid] = best
+
+    # -- learning from the KB ----------------------------------------------------------------------
+    def fit(self) -> NoveltyScorer:
+        """Learn the fusion weight, the density exponent and the per-service references."""
+        with self._lock:
+            n = self.groups
+            if n < 3:
+                self.references_ = {}
+                self.fallback_threshold_ = self.default_threshold
+                self.fitted_groups_ = n
+                return self
+            rng = np.random.default_rng(self.seed)
+            sample = np.sort(rng.choice(n, size=min(n, self.max_calibration), replace=False))
+            kind_sizes = Counter(self._kind)
+            vecs = self.index.reconstruct(np.asarray([self._rep[g] for g in sample]))
+            cands = self._candidates(vecs, min(n, 4 * self.candidates + 1))
+            pos, neg = self._loo_sets(sample, cands, kind_sizes)
+            self.weight_ = self._best_weight(pos, neg)
+            if n <= 20_000:
+                self._recompute_density()
+            rhos = np.asarray([r for r in self._rho if not math.isnan(r)])
+            self.rho0_ = float(max(np.median(rhos), 1e-3)) if len(rhos) else 1.0
+            self.beta_ = self._best_beta(pos, neg)
+            self._set_references(pos, neg)
+            self.fitted_groups_ = n
+            return self
+
+    def _loo_sets(self, sample: npt.NDArray[np.int64], cands: list[list[tuple[int, float]]],
+                  kind_sizes: Counter[int]) -> tuple[list[_Loo], list[_Loo]]:
+        """Leave-one-fingerprint-out (items with kin) and leave-one-kind-out candidate lists."""
+        pos: list[_Loo] = []
+        neg: list[_Loo] = []
+        for g, row in zip(sample.tolist(), cands, strict=True):
+            kind = self._kind[g]
+            mine = self._tokens[g]
+            if kind_sizes[kind] >= 2:
+                near = [(o, c) for o, c in row if o != g][: self.candidates]
+                if near:
+                    pos.append(_Loo(g, near, [_jaccard(mine, self._tokens[o]) for o, _ in near]))
+            far = [(o, c) for o, c in row if self._kind[o] != kind][: self.candidates]
+            if far:
+                neg.append(_Loo(g, far, [_jaccard(mine, self._tokens[o]) for o, _ in far]))
+        return pos, neg
+
+    def _best_weight(self, pos: list[_Loo], neg: list[_Loo]) -> float:
+        if not pos or not neg:
+            return self.weight_
+        best_w, best_auc = self.weight_, -1.0
+        for w in self.WEIGHTS:
+            auc = _auroc([x.distance(w)[0] for x in pos], [x.distance(w)[0] for x in neg])
+            # Prefer the middle on ties: neither evidence alone is trusted without cause.
+            if auc > best_auc + 1e-9 or (abs(auc - best_auc) <= 1e-9
+                                         and abs(w - 0.5) < abs(best_w - 0.5)):
+                best_w, best_auc = w, auc
+        self.separation_ = best_auc
+        return best_w
+
+    def _recompute_density(self) -> None:
+        self._rho = [math.nan] * self.groups
+        reps = np.asarray(self._rep, dtype=np.int64)
+        for start in range(0, len(reps), 4096):
+            chunk = reps[start:start + 4096]
+            gids = [self._rep_gid[int(r)] for r in chunk]
+            self._update_density(gids, self.index.reconstruct(chunk))
+
+    def _factor(self, gid: int, beta: float) -> float:
+        rho = self._rho[gid]
+        if beta == 0.0 or math.isnan(rho):
+            return 1.0
+        return float((2 * self.rho0_ / (rho + self.rho0_)) ** beta)
+
+    def _best_beta(self, pos: list[_Loo], neg: list[_Loo]) -> float:
+        if not pos or not neg:
+            return 0.0
+        w = self.weight_
+        best_b, best_auc = 0.0, -1.0
+        for b in self.BETAS:
+            def raw(x: _Loo, b: float = b) -> float:
+                d, gid = x.distance(w)
+                return d * self._factor(gid, b)
+            auc = _auroc([raw(x) for x in pos], [raw(x) for x in neg])
+            if auc > best_auc + 1e-9:
+                best_b, best_auc = b, auc
+        self.separation_ = best_auc
+        return best_b
+
+    def _set_references(self, pos: list[_Loo], neg: list[_Loo]) -> None:
+        w, b = self.weight_, self.beta_
+        by_service: dict[str, list[float]] = {}
+        all_pos: list[float] = []
+        for x in pos:
+            d, gid = x.distance(w)
+            if self._kind[gid] != self._kind[x.gid]:
+                # Its nearest neighbour is of another kind: the miner's "kin" did not help find
+                # it, so it says nothing about how close a fresh member of a known kind lands.
+                continue
+            raw = d * self._factor(gid, b)
+            all_pos.append(raw)
+            by_service.setdefault(self._service[x.gid] or GLOBAL, []).append(raw)
+        dup = self._duplicate_rates()
+        refs = {name: Reference(scores, name, duplicate_rate=dup.get(name, 0.0))
+                for name, scores in by_service.items()
+                if name != GLOBAL and len(scores) >= self.min_reference}
+        refs[GLOBAL] = Reference(all_pos, GLOBAL, duplicate_rate=dup[GLOBAL])
+        self.references_ = refs
+        neg_raw = np.asarray([x.distance(w)[0] * self._factor(x.distance(w)[1], b) for x in neg])
+        self.fallback_threshold_ = _fallback_threshold(np.asarray(all_pos), neg_raw,
+                                                       self.default_threshold)
+
+    def _duplicate_rates(self) -> dict[str, float]:
+        """Per service and overall: the share of incidents whose fingerprint another one shares."""
+        shared: Counter[str] = Counter()
+        total: Counter[str] = Counter()
+        for gid, members in enumerate(self._members):
+            name = self._service[gid] or GLOBAL
+            total[name] += len(members)
+            total[GLOBAL] += len(members) if name != GLOBAL else 0
+            if len(members) >= 2:
+                shared[name] += len(members)
+                shared[GLOBAL] += len(members) if name != GLOBAL else 0
+        return {name: shared[name] / n for name, n in total.items() if n}
+
+    # -- scoring -------------------------------------------------------------------------------------
+    def reference_for(self, service: str | None) -> Reference | None:
+        refs = self.references_
+        ref = refs.get(service or GLOBAL)
+        if ref is None or len(ref) < self.min_reference:
+            ref = refs.get(GLOBAL)
+        if ref is not None and len(ref) == 0:
+            return None
+        return ref
+
+    def raw_threshold(self, ref: Reference | None, alpha: float) -> float:
+        if ref is None or len(ref) == 0:
+            return self.fallback_threshold_
+        return ref.threshold(alpha)
+
+    def search(self, queries: Sequence[Query], k: int) -> list[list[Neighbour]]:
+        """Fused-similarity neighbours, best first (at most ``k`` per query)."""
+        if not queries:
+            return []
+        vecs = np.stack([q.vector for q in queries]).astype(np.float32)
+        cands = self._candidates(vecs, max(k, self.candidates))
+        return [self._rank(q, row)[:k] for q, row in zip(queries, cands, strict=True)]
+
+    def _rank(self, q: Query, row: list[tuple[int, float]]) -> list[Neighbour]:
+        w = self.weight_
+        tokens = lexical_tokens(q.masked)
+        exact = self._fp_gid.get(q.fingerprint)
+        scored: list[tuple[float, float, float, int]] = []
+        seen = False
+        for gid, cos in row:
+            if gid == exact:
+                seen = True
+                scored.append((1.0, 1.0, 1.0, gid))
+            else:
+                lex = _jaccard(tokens, self._tokens[gid])
+                scored.append((w * cos + (1 - w) * lex, cos, lex, gid))
+        if exact is not None and not seen:
+            scored.append((1.0, 1.0, 1.0, exact))
+        scored.sort(key=lambda t: (-t[0], -t[1]))
+        return [Neighbour(kb_ids=tuple(self._members[g]), similarity=s, cosine=c, lexical=lx,
+                          resolutions=tuple(self._resolutions[g].most_common()))
+                for s, c, lx, g in scored]
+
+    def score(self, queries: Sequence[Query], *, alpha: float, k: int = 5
+              ) -> list[NoveltyResult]:
+        """Novelty of each query at level ``alpha`` (the tolerated false-escalation rate)."""
+        if not queries:
+            return []
+        vecs = np.stack([q.vector for q in queries]).astype(np.float32)
+        cands = self._candidates(vecs, max(k, self.candidates))
+        out = []
+        for q, row in zip(queries, cands, strict=True):
+            ranked = self._rank(q, row)
+            out.append(self._result(q, ranked, alpha, k))
+        return out
+
+    def _result(self, q: Query, ranked: list[Neighbour], alpha: float, k: int) -> NoveltyResult:
+        ref = self.reference_for(q.service)
+        t = self.raw_threshold(ref, alpha)
+        if ranked:
+            top = ranked[0]
+            gid = self._rep_gid[top.kb_ids[0]]
+            distance = max(0.0, 1.0 - top.similarity)
+            factor = self._factor(gid, self.beta_)
+            rho = self._rho[gid]
+        else:
+            top, distance, factor, rho = None, 1.0, 1.0, math.nan
+        raw = distance * factor
+        p = _p_value(ref, raw)
+        score = _to_score(raw, p)
+        threshold = 1.0 if math.isinf(t) else _to_score(t, _p_value(ref, t))
+        components = {
+            "distance": distance,
+            "cosine": top.cosine if top else 0.0,
+            "max_cosine": max((n.cosine for n in ranked), default=0.0),
+            "lexical": top.lexical if top else 0.0,
+            "fused_similarity": top.similarity if top else 0.0,
+            "exact_match": 1.0 if q.fingerprint in self._fp_gid else 0.0,
+            "neighbour_radius": rho if not math.isnan(rho) else -1.0,
+            "density_ratio": factor,
+            "raw": raw,
+            "raw_threshold": t if not math.isinf(t) else -1.0,
+            "p_value": p,
+            "lexical_weight": 1.0 - self.weight_,
+            "density_exponent": self.beta_,
+            "reference_size": float(len(ref) if ref is not None else 0),
+        }
+        return NoveltyResult(
+            score=score, is_novel=raw > t, threshold=threshold, p_value=p, raw=raw,
+            raw_threshold=t, nearest_similarity=top.similarity if top else 0.0,
+            reference=ref.name if ref is not None else "none", components=components,
+            neighbours=ranked[:k])
+
+
+@dataclass
+class _Loo:
+    gid: int
+    near: list[tuple[int, float]]
+    lexical: list[float]
+
+    def distance(self, w: float) -> tuple[float, int]:
+        best, arg = -math.inf, -1
+        for (other, cos), lex in zip(self.near, self.lexical, strict=True):
+            s = w * cos + (1 - w) * lex
+            if s > best:
+                best, arg = s, other
+        return max(0.0, 1.0 - best), arg
+
+
+def _auroc(pos: list[float], neg: list[float]) -> float:
+    """How well raw scores put held-out kinds (neg: novel) above held-out kin (pos: familiar)."""
+    y = np.r_[np.zeros(len(pos)), np.ones(len(neg))]
+    return float(roc_auc_score(y, np.r_[pos, neg]))
+
+
+def _p_value(ref: Reference | None, raw: float) -> float:
+    if ref is None or len(ref) == 0:
+        return float(max(0.0, 1.0 - raw))
+    return ref.p_value(raw)
+
+
+def _to_score(raw: float, p: float) -> float:
+    """Map to [0, 1]: strictly increasing in ``raw`` for a fixed reference, comparable across
+    services through the p-value."""
+    return 0.5 * (1.0 - p) + 0.5 * min(max(raw, 0.0), 1.0)
+
+
+def _fallback_threshold(pos: npt.NDArray[np.float64], neg: npt.NDArray[np.float64],
+                        default: float) -> float:
+    """A threshold for a KB too small for a conformal one: the cut that best separates the
+    self-supervised familiar and novel scores (equal cost), else a low quantile of novel ones."""
+    if len(neg) == 0:
+        return default
+    if len(pos) == 0:
+        return float(np.quantile(neg, 0.05))
+    cuts = np.unique(np.r_[pos, neg])
+    best_cut, best_err = default, math.inf
+    for c in cuts:
+        err = float(np.mean(pos > c) + np.mean(neg <= c))
+        if err < best_err:
+            best_cut, best_err = float(c), err
+    return best_cut

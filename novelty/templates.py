@@ -1,0 +1,51 @@
+"""Unsupervised event kinds: a small Drain-style template miner over masked token sequences.
+
+Calibration needs to know which knowledge-base items have kin (another item of the same kind)
+without seeing labels. Drain (He et al., ICWS 2017) groups log lines by length and leading token,
+then joins a line to the most similar template when more than half of the positions agree. Short
+lines therefore only join when they agree on all but a minority of their words, which keeps
+look-alikes such as "VM Started" / "VM Paused" apart.
+"""
+
+from __future__ import annotations
+
+__all__ = ["TemplateMiner"]
+
+_WILD = "<*>"
+
+
+class TemplateMiner:
+    """Assigns each token sequence to a template (kind); ids are dense ints from 0.
+
+    ``similarity``: a sequence joins a template when the share of equal positions exceeds it.
+    Higher splits kinds more finely (fewer false kin, more singletons).
+    """
+
+    def __init__(self, similarity: float = 0.5) -> None:
+        self.similarity = similarity
+        self._buckets: dict[tuple[int, str], list[tuple[int, list[str]]]] = {}
+        self.sizes: list[int] = []
+
+    def add(self, tokens: list[str]) -> int:
+        """Return the kind id of ``tokens``, creating a template or generalising one."""
+        head = tokens[0] if tokens and not tokens[0].startswith("<") else _WILD
+        bucket = self._buckets.setdefault((len(tokens), head), [])
+        best, best_sim = -1, -1.0
+        for pos, (_, template) in enumerate(bucket):
+            if not tokens:
+                best, best_sim = pos, 1.0
+                break
+            same = sum(1 for a, b in zip(template, tokens, strict=True) if a == b or a == _WILD)
+            sim = same / len(tokens)
+            if sim > best_sim:
+                best, best_sim = pos, sim
+        if best >= 0 and (best_sim > self.similarity or not tokens):
+            kind, template = bucket[best]
+            bucket[best] = (kind, [a if a == b else _WILD
+                                   for a, b in zip(template, tokens, strict=True)])
+            self.sizes[kind] += 1
+            return kind
+        kind = len(self.sizes)
+        self.sizes.append(1)
+        bucket.append((kind, list(tokens)))
+        return kind
