@@ -175,16 +175,16 @@ _SERVICE_SLUGS = {
     "OpenTelemetry Collector": "otel-collector",
 }
 
-# How resolutions name the component ("Restart PostgreSQL ..."); display names such as "Host and
-# hardware" would read oddly in an instruction.
+# How resolutions name the component, a bare noun ("the {component} service"); display names such
+# as "Host and hardware" would read oddly in an instruction.
 _COMPONENT_NAMES = {
     "Prometheus self-monitoring": "Prometheus",
-    "Host and hardware": "the host",
-    "S.M.A.R.T Device Monitoring": "the disk",
-    "Docker containers": "the container",
-    "SSL/TLS": "the TLS endpoint",
-    "Process Exporter": "the process",
-    "Systemd": "the systemd unit",
+    "Host and hardware": "node",
+    "S.M.A.R.T Device Monitoring": "disk",
+    "Docker containers": "container",
+    "SSL/TLS": "TLS",
+    "Process Exporter": "process",
+    "Systemd": "systemd unit",
 }
 
 
@@ -256,8 +256,8 @@ class _Playbook:
 # the specific causes (certificates, disks) come before the generic ones (down, errors).
 _PLAYBOOKS: tuple[_Playbook, ...] = (
     _Playbook((r"certificat", r"cert\b", r"ssl", r"tls", r"expir"),
-              "Renew the certificate served by {component} and reload it without downtime; verify "
-              "the new expiry date with openssl s_client",
+              "Renew the certificate served by the {component} endpoint and reload it without "
+              "downtime; verify the new expiry date with openssl s_client",
               "Reinstall the previous certificate bundle from the secrets backup and reload", True),
     _Playbook((r"disk", r"filesystem", r"space\b", r"inode", r"volume\b", r"storage", r"bloat",
                r"wal\b"),
@@ -265,17 +265,18 @@ _PLAYBOOKS: tuple[_Playbook, ...] = (
               "data) and grow the volume by 20% if usage stays above 85%",
               "Restore pruned files from the last snapshot; volume growth needs no rollback", True),
     _Playbook((r"memory", r"oom", r"heap", r"swap", r"maxmemory", r"gc\b"),
-              "Capture a heap profile, then restart {component} on the affected instance and raise "
-              "its memory limit by 25%",
+              "Capture a heap profile, then restart the {component} process on the affected "
+              "instance and raise its memory limit by 25%",
               "Set the memory limit back to its previous value and redeploy", True),
     _Playbook((r"cpu", r"load average", r"high load", r"throttl", r"context switch", r"saturat"),
-              "Scale {component} out by one replica and shift traffic away from the hot instance",
+              "Scale the {component} deployment out by one replica and shift traffic away from the "
+              "hot instance",
               "Scale back in to the previous replica count once load is normal", True),
     _Playbook((r"clock", r"time offset", r"ntp\b", r"skew", r"drift"),
               "Step the clock with chronyc makestep on the affected host and restart the time "
               "sync service; check the upstream NTP servers",
               "None needed: clock stepping is not reverted", True),
-    _Playbook((r"replicat", r"replica\b", r"lag\b", r"lagging", r"sync", r"behind"),
+    _Playbook((r"replicat", r"replica\b", r"lag\b", r"lagging", r"out of sync", r"behind"),
               "Re-sync the lagging {component} replica from the primary and check network "
               "throughput between the two",
               "Promote the old replica set back and discard the rebuilt copy", False),
@@ -283,7 +284,11 @@ _PLAYBOOKS: tuple[_Playbook, ...] = (
               "Confirm quorum, then force a leader election in the {component} cluster and "
               "restart the isolated member",
               "Restart the previous leader so that it rejoins; no data change to roll back", False),
-    _Playbook((r"connection", r"clients", r"sessions", r"too many"),
+    _Playbook((r"restart", r"flapping", r"crash ?loop", r"oomkill"),
+              "Read the crash logs, fix the configuration and redeploy the {component} service "
+              "from the last known-good release",
+              "Redeploy the release that was running before the fix", False),
+    _Playbook((r"connection", r"clients", r"sessions"),
               "Recycle idle client connections in the {component} pool and raise the connection "
               "limit by 20%",
               "Restore the previous connection limit and restart the pooler", True),
@@ -300,14 +305,10 @@ _PLAYBOOKS: tuple[_Playbook, ...] = (
               "Drain the affected host, open a hardware ticket with the datacenter and schedule a "
               "replacement of the failing component",
               "Uncordon the host once the hardware is replaced", False),
-    _Playbook((r"restart", r"flapping", r"crash ?loop", r"oomkill"),
-              "Read the crash logs, fix the configuration and redeploy {component} from the last "
-              "known-good release",
-              "Redeploy the release that was running before the fix", False),
     _Playbook((r"down\b", r"missing", r"absent", r"unreachable", r"not running", r"dead\b",
                r"unavailable", r"not ready", r"not healthy", r"unhealthy", r"offline"),
-              "Restart {component} on the affected host and confirm that its target is scraped "
-              "again",
+              "Restart the {component} service on the affected host and confirm that its target "
+              "is scraped again",
               "None needed: a restart leaves no state to revert", True),
     _Playbook((r"error", r"fail", r"5xx", r"reject", r"denied", r"invalid", r"corrupt"),
               "Roll back the latest {component} deploy and replay the failed requests from the "
@@ -318,7 +319,8 @@ _PLAYBOOKS: tuple[_Playbook, ...] = (
 # The generic answer when no playbook matches: still an action specific to the component.
 _DEFAULT_PLAYBOOK = _Playbook(
     (),
-    "Follow the {component} runbook: identify the affected instance and restart {component} there",
+    "Follow the {component} runbook: identify the affected instance and restart the {component} "
+    "service there",
     "None needed: a restart leaves no state to revert",
     True,
 )
@@ -326,8 +328,8 @@ _DEFAULT_PLAYBOOK = _Playbook(
 # The *other* plausible fix, used by the demo to give a rule a conflicting history.
 _ALTERNATE_PLAYBOOK = _Playbook(
     (),
-    "Fail {component} over to the standby instance and rebuild the affected node from its last "
-    "backup",
+    "Fail the {component} service over to the standby instance and rebuild the affected node "
+    "from its last backup",
     "Fail back to the original instance once it is rebuilt",
     False,
 )
@@ -335,7 +337,7 @@ _ALTERNATE_PLAYBOOK = _Playbook(
 
 def _component(rule: AlertRule) -> str:
     if "exporter" in rule.name.lower():
-        return "the " + _job(rule).replace("-", " ")
+        return _job(rule).replace("-", " ")
     return _COMPONENT_NAMES.get(rule.service, rule.service)
 
 
