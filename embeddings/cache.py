@@ -16,7 +16,7 @@ import numpy as np
 
 from embeddings.encoder import Encoder, Vectors
 
-__all__ = ["CachedEncoder", "CacheStats", "VectorStore"]
+__all__ = ["CacheStats", "CachedEncoder", "VectorStore"]
 
 
 class VectorStore(Protocol):

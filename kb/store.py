@@ -168,13 +168,26 @@ class Store:
         """One writer at a time; everything inside commits together or not at all."""
         with self._write_lock:
             cur = self._cur()
+            depth = getattr(self._local, "depth", 0)
+            if depth:
+                # Nested use joins the outer transaction: it commits or rolls back as one.
+                self._local.depth = depth + 1
+                try:
+                    yield cur
+                finally:
+                    self._local.depth = depth
+                return
             cur.execute("BEGIN TRANSACTION")
+            self._local.depth = 1
             try:
                 yield cur
             except BaseException:
                 cur.execute("ROLLBACK")
                 raise
-            cur.execute("COMMIT")
+            else:
+                cur.execute("COMMIT")
+            finally:
+                self._local.depth = 0
 
     def checkpoint(self) -> None:
         with self._write_lock:

@@ -231,13 +231,14 @@ class NoveltyScorer:
             vecs = self.index.reconstruct(np.asarray([self._rep[g] for g in sample]))
             cands = self._candidates(vecs, min(n, 4 * self.candidates + 1))
             pos, neg = self._loo_sets(sample, cands, kind_sizes)
-            self.weight_ = self._best_weight(pos, neg)
+            self.weight_ = self._best_weight([x for x in pos if x.has_kin], neg)
             if n <= 20_000:
                 self._recompute_density()
             rhos = np.asarray([r for r in self._rho if not math.isnan(r)])
             self.rho0_ = float(max(np.median(rhos), 1e-3)) if len(rhos) else 1.0
-            self.beta_ = self._best_beta(pos, neg)
-            self._set_references(pos, neg)
+            kin = self._kin(pos)
+            self.beta_ = self._best_beta(kin, neg)
+            self._set_references(kin, neg)
             self.fitted_groups_ = n
             return self
 
@@ -249,13 +250,13 @@ class NoveltyScorer:
         for g, row in zip(sample.tolist(), cands, strict=True):
             kind = self._kind[g]
             mine = self._tokens[g]
-            if kind_sizes[kind] >= 2:
-                near = [(o, c) for o, c in row if o != g][: self.candidates]
-                if near:
-                    pos.append(_Loo(g, near, [_jaccard(mine, self._tokens[o]) for o, _ in near]))
+            near = [(o, c) for o, c in row if o != g][: self.candidates]
+            if near:
+                pos.append(_Loo(g, near, [_jaccard(mine, self._tokens[o]) for o, _ in near],
+                                kind_sizes[kind] >= 2))
             far = [(o, c) for o, c in row if self._kind[o] != kind][: self.candidates]
             if far:
-                neg.append(_Loo(g, far, [_jaccard(mine, self._tokens[o]) for o, _ in far]))
+                neg.append(_Loo(g, far, [_jaccard(mine, self._tokens[o]) for o, _ in far], False))
         return pos, neg
 
     def _best_weight(self, pos: list[_Loo], neg: list[_Loo]) -> float:
@@ -300,16 +301,23 @@ class NoveltyScorer:
         self.separation_ = best_auc
         return best_b
 
+    def _kin(self, pos: list[_Loo]) -> list[_Loo]:
+        """Held-out items whose nearest neighbour is kin: a member of the same mined template.
+
+        The rest are singletons of their kind (or the miner's kin did not help find them), and
+        say nothing about how close a fresh member of a known kind lands. Mutual nearest
+        neighbours were tried as kin too: look-alike singletons pair up and the reference then
+        absorbs novel-looking scores (missed novelty on LogHub rose from 10% to 28%).
+        """
+        return [x for x in pos
+                if x.has_kin and self._kind[x.distance(self.weight_)[1]] == self._kind[x.gid]]
+
     def _set_references(self, pos: list[_Loo], neg: list[_Loo]) -> None:
         w, b = self.weight_, self.beta_
         by_service: dict[str, list[float]] = {}
         all_pos: list[float] = []
         for x in pos:
             d, gid = x.distance(w)
-            if self._kind[gid] != self._kind[x.gid]:
-                # Its nearest neighbour is of another kind: the miner's "kin" did not help find
-                # it, so it says nothing about how close a fresh member of a known kind lands.
-                continue
             raw = d * self._factor(gid, b)
             all_pos.append(raw)
             by_service.setdefault(self._service[x.gid] or GLOBAL, []).append(raw)
@@ -419,6 +427,7 @@ class NoveltyScorer:
             "raw": raw,
             "raw_threshold": t if not math.isinf(t) else -1.0,
             "p_value": p,
+            "effective_alpha": ref.effective_alpha(alpha) if ref is not None else alpha,
             "lexical_weight": 1.0 - self.weight_,
             "density_exponent": self.beta_,
             "reference_size": float(len(ref) if ref is not None else 0),
@@ -435,6 +444,7 @@ class _Loo:
     gid: int
     near: list[tuple[int, float]]
     lexical: list[float]
+    has_kin: bool
 
     def distance(self, w: float) -> tuple[float, int]:
         best, arg = -math.inf, -1

@@ -35,7 +35,7 @@ class TemplateMiner:
             if not tokens:
                 best, best_sim = pos, 1.0
                 break
-            same = sum(1 for a, b in zip(template, tokens, strict=True) if a == b or a == _WILD)
+            same = sum(1 for a, b in zip(template, tokens, strict=True) if a in (b, _WILD))
             sim = same / len(tokens)
             if sim > best_sim:
                 best, best_sim = pos, sim

@@ -1,0 +1,159 @@
+"""The ``deja`` command: serve, ingest, check, similar, reindex, demo."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from pydantic import ValidationError
+
+from api.schemas import EventIn
+from api.settings import Settings
+from kb import DataDirLocked
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Deja: have we seen this before? Novelty checks for operations events.")
+
+DataDir = Annotated[Path, typer.Option("--data-dir", "-d", envvar="DEJA_DATA_DIR",
+                                       help="Data directory (created if missing).")]
+
+
+def _open(data_dir: Path) -> Any:
+    from api.deja import Deja
+
+    try:
+        return Deja.open(data_dir, settings=Settings(data_dir=data_dir))
+    except DataDirLocked as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+
+
+@app.command()
+def serve(data_dir: DataDir = Path("data/demo"),
+          host: Annotated[str, typer.Option(envvar="DEJA_HOST")] = "127.0.0.1",
+          port: Annotated[int, typer.Option(envvar="DEJA_PORT")] = 8000) -> None:
+    """Serve the HTTP API and the dashboard."""
+    import uvicorn
+
+    from api.app import create_app
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    deja = _open(data_dir)
+    try:
+        uvicorn.run(create_app(deja), host=host, port=port, log_level="info")
+    finally:
+        deja.close()
+
+
+def _read_events(path: Path) -> Iterator[tuple[int, EventIn]]:
+    with path.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                yield lineno, EventIn.model_validate_json(line)
+            except ValidationError as exc:
+                err = exc.errors()[0]
+                field = ".".join(str(p) for p in err.get("loc", ()))
+                typer.echo(f"error: {path}:{lineno}: {field or 'line'}: {err['msg']}", err=True)
+                raise typer.Exit(1) from exc
+
+
+@app.command()
+def ingest(file: Annotated[Path, typer.Argument(exists=True, dir_okay=False,
+                                                help="JSON Lines, one Event per line.")],
+           data_dir: DataDir = Path("data/demo"),
+           batch: Annotated[int, typer.Option(min=1, max=1000)] = 500) -> None:
+    """Add past incidents from a JSONL file (validated in full before anything is written)."""
+    from tqdm import tqdm
+
+    events = [e for _, e in _read_events(file)]
+    deja = _open(data_dir)
+    created = 0
+    try:
+        with tqdm(total=len(events), desc="ingest", unit="event") as bar:
+            for start in range(0, len(events), batch):
+                part = events[start:start + batch]
+                created += sum(1 for _, c in deja.ingest(part) if c)
+                bar.update(len(part))
+    finally:
+        deja.close()
+    typer.echo(f"{created} new incidents ({len(events) - created} already known)")
+
+
+@app.command()
+def check(text: str, data_dir: DataDir = Path("data/demo"),
+          service: Annotated[str | None, typer.Option()] = None,
+          severity: Annotated[str | None, typer.Option()] = None,
+          dry_run: Annotated[bool, typer.Option("--dry-run")] = False) -> None:
+    """Check one event and print its verdict as JSON."""
+    try:
+        event = EventIn.model_validate({"title": text, "service": service, "severity": severity})
+    except ValidationError as exc:
+        typer.echo(f"error: {exc.errors()[0]['loc'][0]}: {exc.errors()[0]['msg']}", err=True)
+        raise typer.Exit(1) from exc
+    deja = _open(data_dir)
+    try:
+        verdict = deja.check([event], dry_run=dry_run)[0]
+    finally:
+        deja.close()
+    typer.echo(verdict.model_dump_json(indent=2))
+
+
+@app.command()
+def similar(text: str, data_dir: DataDir = Path("data/demo"),
+            k: Annotated[int, typer.Option(min=1, max=100)] = 5) -> None:
+    """Have we seen this before? Print the k nearest past incidents."""
+    deja = _open(data_dir)
+    try:
+        for n in deja.similar(text, k):
+            action = n.resolution.action if n.resolution else "-"
+            typer.echo(f"{n.similarity:.3f}  {n.id}  [{n.service or '-'}]  {n.title}  => {action}")
+    finally:
+        deja.close()
+
+
+@app.command()
+def reindex(data_dir: DataDir = Path("data/demo")) -> None:
+    """Rebuild the index from stored vectors (never re-embeds what the cache holds)."""
+    deja = _open(data_dir)
+    try:
+        n = deja.reindex()
+    finally:
+        deja.close()
+    typer.echo(f"index rebuilt: {n} vectors")
+
+
+@app.command()
+def demo(data_dir: DataDir = Path("data/demo"),
+         if_empty: Annotated[bool, typer.Option("--if-empty",
+                                                help="Do nothing if the KB has incidents.")] = False,
+         seed: int = 0) -> None:
+    """Load the demo knowledge base (alerts rendered from the Prometheus rule catalogue)."""
+    from api.scenarios import demo_kb
+
+    deja = _open(data_dir)
+    try:
+        if if_empty and deja.store.count_incidents() > 0:
+            typer.echo(f"{data_dir} already holds {deja.store.count_incidents()} incidents")
+            return
+        events = [EventIn.model_validate(e) for e in demo_kb(seed)]
+        created = sum(1 for _, c in deja.ingest(events) if c)
+        typer.echo(f"demo knowledge base: {created} incidents in {data_dir}")
+    finally:
+        deja.close()
+
+
+def main() -> None:
+    try:
+        app()
+    except DataDirLocked as exc:
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+
+
+

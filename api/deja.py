@@ -1,0 +1,423 @@
+"""The facade: one object that wires the KB, the encoder, the index, the scorer and the policy.
+
+The HTTP app, the CLI and the notebooks all use :class:`Deja`; nothing else holds state.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from api.schemas import (
+    DecisionOut,
+    EventIn,
+    FeedbackIn,
+    FeedbackOut,
+    IncidentOut,
+    Neighbour,
+    Novelty,
+    Resolution,
+    Stats,
+    TrackRecordOut,
+    Verdict,
+)
+from api.settings import Settings
+from embeddings import CachedEncoder, Encoder, SentenceTransformerEncoder, fingerprint, normalize
+from kb import DecisionNotFound, DecisionRecord, Incident, NewIncident, Store, kb_ref
+from novelty import (
+    IndexUnusable,
+    Item,
+    NoveltyResult,
+    NoveltyScorer,
+    Policy,
+    Query,
+    TrackRecord,
+    VectorIndex,
+    resolution_key,
+)
+from novelty.scorer import Neighbour as ScoredNeighbour
+
+__all__ = ["Deja"]
+
+log = logging.getLogger("deja")
+
+INDEX_FILE = "index.faiss"
+DB_FILE = "deja.duckdb"
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    event: EventIn
+    masked: str
+    fingerprint: str
+
+    @property
+    def service(self) -> str | None:
+        return self.event.service or self.event.source
+
+
+def _prepare(events: Iterable[EventIn]) -> list[_Prepared]:
+    out = []
+    for e in events:
+        masked = normalize({"title": e.title, "text": e.text})
+        out.append(_Prepared(e, masked, fingerprint(masked)))
+    return out
+
+
+class Deja:
+    """Knowledge base + novelty service. Open with :meth:`open`; close when done.
+
+    Thread-safe: checks run concurrently; ingest, feedback and refits are serialised.
+    """
+
+    def __init__(self, store: Store, encoder: Encoder, settings: Settings,
+                 data_dir: Path | None) -> None:
+        self.settings = settings
+        self.data_dir = data_dir
+        self.store = store
+        self.cache = CachedEncoder(encoder, store)
+        self.index = VectorIndex(encoder.dim)
+        self.scorer = NoveltyScorer(self.index, candidates=settings.candidates)
+        self.policy = Policy(version=1, alpha=settings.alpha)
+        self.index_status = "new"
+        self._mutate = threading.RLock()
+        self._last_kb_id = 0
+        self._saved_vectors = 0
+        self._records: dict[str, TrackRecord] = {}
+        self._resolutions: dict[str, dict[str, Any]] = {}
+
+    # -- lifecycle --------------------------------------------------------------------------------
+    @classmethod
+    def open(cls, data_dir: str | Path | None = None, *, settings: Settings | None = None,
+             encoder: Encoder | None = None) -> Deja:
+        """Open (or create) a data dir; ``None`` keeps everything in memory.
+
+        The index is loaded and caught up with the KB, or rebuilt from stored vectors if it is
+        missing, torn or from another model; :attr:`index_status` says which.
+        """
+        settings = settings or Settings()
+        path = Path(data_dir) if data_dir is not None else None
+        if path is not None:
+            path.mkdir(parents=True, exist_ok=True)
+        store = Store(path / DB_FILE if path is not None else ":memory:")
+        try:
+            enc = encoder or SentenceTransformerEncoder(settings.model)
+            deja = cls(store, enc, settings, path)
+            deja._load()
+        except BaseException:
+            store.close()
+            raise
+        return deja
+
+    def close(self) -> None:
+        with self._mutate:
+            self.save_index()
+            self.store.close()
+
+    def __enter__(self) -> Deja:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def model_id(self) -> str:
+        return self.cache.model_id
+
+    def _index_path(self) -> Path | None:
+        return self.data_dir / INDEX_FILE if self.data_dir is not None else None
+
+    def _load(self) -> None:
+        path = self._index_path()
+        covered = 0
+        if path is not None and path.exists():
+            try:
+                index, manifest = VectorIndex.load(path, model_id=self.model_id,
+                                                   dim=self.cache.dim)
+                rows = self.store.incidents_after(0)
+                restored = [r for r in rows if r[0] <= manifest.last_kb_id]
+                scorer = NoveltyScorer(index, candidates=self.settings.candidates)
+                scorer.add([_item(r) for r in restored], None)
+                if scorer.groups != index.ntotal:
+                    raise IndexUnusable(f"index holds {index.ntotal} vectors for "
+                                        f"{scorer.groups} fingerprints")
+                self.index, self.scorer = index, scorer
+                covered = manifest.last_kb_id
+                self._last_kb_id = covered
+                self.index_status = "loaded"
+            except IndexUnusable as exc:
+                log.warning("rebuilding the index: %s", exc)
+                self.index_status = f"rebuilt ({exc})"
+        pending = self.store.incidents_after(covered)
+        if pending:
+            self._index_rows(pending, progress=len(pending) > 5000)
+            if self.index_status == "loaded":
+                self.index_status = f"caught up {len(pending)} incidents"
+            elif self.index_status == "new":
+                self.index_status = "built"
+        self._records = {k: TrackRecord(*v) for k, v in self.store.track_records().items()}
+        for key, res in self.store.sql(
+                "SELECT resolution_key, arg_max(resolution, kb_id) FROM incidents "
+                "WHERE resolution_key IS NOT NULL GROUP BY resolution_key"):
+            self._resolutions[key] = _json(res)
+        self.scorer.fit()
+        if pending:
+            self.save_index()
+        log.info("index %s: %d incidents, %d vectors", self.index_status, self.scorer.incidents,
+                 self.index.ntotal)
+
+    def _index_rows(self, rows: Sequence[tuple[int, str, str, str | None, str | None]], *,
+                    progress: bool = False) -> None:
+        """Add KB rows to the scorer and index, embedding only fingerprints with no stored vector."""
+        chunk = 4096
+        bar = None
+        if progress:
+            from tqdm import tqdm
+            bar = tqdm(total=len(rows), desc="indexing", unit="incident")
+        for start in range(0, len(rows), chunk):
+            part = rows[start:start + chunk]
+            vectors = self.cache.embed([r[1] for r in part], [r[2] for r in part])
+            self.scorer.add([_item(r) for r in part], vectors)
+            self._last_kb_id = max(self._last_kb_id, part[-1][0])
+            if bar is not None:
+                bar.update(len(part))
+        if bar is not None:
+            bar.close()
+
+    def save_index(self) -> None:
+        path = self._index_path()
+        if path is None:
+            return
+        with self._mutate:
+            self.index.save(path, model_id=self.model_id, last_kb_id=self._last_kb_id)
+            self._saved_vectors = self.index.ntotal
+
+    def reindex(self) -> int:
+        """Rebuild the index from stored vectors (no re-embedding); returns the vector count."""
+        with self._mutate:
+            self.index = VectorIndex(self.cache.dim)
+            self.scorer = NoveltyScorer(self.index, candidates=self.settings.candidates)
+            self._last_kb_id = 0
+            self._index_rows(self.store.incidents_after(0), progress=True)
+            self.scorer.fit()
+            self.save_index()
+            self.index_status = "rebuilt (reindex)"
+            return self.index.ntotal
+
+    # -- the KB ---------------------------------------------------------------------------------
+    def ingest(self, events: Sequence[EventIn]) -> list[tuple[str, bool]]:
+        """Add past incidents; they are searchable when this returns. ``(id, created)`` each."""
+        prepared = _prepare(events)
+        # Embed before writing: a model failure then leaves nothing half-written.
+        vectors = self.cache.embed([p.fingerprint for p in prepared],
+                                   [p.masked for p in prepared])
+        with self._mutate:
+            added = self.store.add_incidents([_new_incident(p, "ingest") for p in prepared])
+            fresh = [i for i, (_, created) in enumerate(added) if created]
+            self._learn([(added[i][0], prepared[i]) for i in fresh], vectors[fresh])
+        return [(p.event.id or kb_ref(kb_id), created)
+                for p, (kb_id, created) in zip(prepared, added, strict=True)]
+
+    def _learn(self, rows: list[tuple[int, _Prepared]], vectors: np.ndarray[Any, Any]) -> None:
+        """Index committed incidents and update track records; refit when the KB grew enough."""
+        if not rows:
+            return
+        items = []
+        for kb_id, p in rows:
+            key = resolution_key(p.event.resolution.action) if p.event.resolution else None
+            items.append(Item(kb_id, p.fingerprint, p.masked, p.service, key))
+            if key is not None and p.event.resolution is not None:
+                self._resolutions[key] = p.event.resolution.model_dump()
+                self._count_outcome(key, p.event.outcome)
+        self.scorer.add(items, vectors)
+        self._last_kb_id = max(self._last_kb_id, max(kb for kb, _ in rows))
+        fitted = self.scorer.fitted_groups_
+        if self.scorer.groups - fitted >= max(1, fitted // 20):
+            self.scorer.fit()
+        if self.index.ntotal - self._saved_vectors >= self.settings.index_save_every:
+            self.save_index()
+
+    def _count_outcome(self, key: str, outcome: str | None) -> None:
+        rec = self._records.get(key, TrackRecord())
+        if outcome == "resolved":
+            rec = TrackRecord(rec.successes + 1, rec.failures)
+        elif outcome == "failed":
+            rec = TrackRecord(rec.successes, rec.failures + 1)
+        self._records[key] = rec
+
+    def incident(self, ref: str) -> IncidentOut:
+        inc = self.store.get_incident(ref)
+        record = self._records.get(inc.resolution_key) if inc.resolution_key else None
+        return IncidentOut(
+            id=inc.ref, kb_id=kb_ref(inc.kb_id), title=inc.title, text=inc.text,
+            service=inc.service, severity=inc.severity, source=inc.source, labels=inc.labels,
+            occurred_at=inc.occurred_at, created_at=inc.created_at, fingerprint=inc.fingerprint,
+            resolution=Resolution(**inc.resolution) if inc.resolution else None,
+            outcome=inc.outcome, origin=inc.origin,
+            track_record=TrackRecordOut(
+                successes=record.successes, failures=record.failures,
+                lower_bound=record.lower_bound(self.policy.credibility)) if record else None)
+
+    # -- checks ---------------------------------------------------------------------------------
+    def check(self, events: Sequence[EventIn], *, dry_run: bool = False) -> list[Verdict]:
+        """Score and decide each event; unless ``dry_run``, audit each verdict before returning."""
+        policy = self.policy  # one policy for the whole call, whatever happens meanwhile
+        prepared = _prepare(events)
+        vectors = self.cache.embed([p.fingerprint for p in prepared], [p.masked for p in prepared])
+        queries = [Query(v, p.fingerprint, p.masked, p.service)
+                   for v, p in zip(vectors, prepared, strict=True)]
+        results = self.scorer.score(queries, alpha=policy.alpha, k=max(policy.neighbours, 5))
+        shown = self._display([r.neighbours for r in results])
+        verdicts: list[Verdict] = []
+        records: list[DecisionRecord] = []
+        for p, res, neighbours in zip(prepared, results, shown, strict=True):
+            automatable = {k: bool(v.get("automatable", True)) for k, v in self._resolutions.items()}
+            d = policy.decide(res, service=p.service, severity=p.event.severity,
+                              records=self._records, automatable=automatable)
+            resolution = self._resolutions.get(d.resolution_key) if d.resolution_key else None
+            decision_id = None if dry_run else f"dec-{uuid.uuid4().hex}"
+            verdict = Verdict(
+                decision_id=decision_id, decision=d.decision,
+                novelty=_novelty(res), confidence=d.confidence,
+                resolution=Resolution(**resolution) if resolution else None,
+                neighbors=neighbours, reasons=d.reasons, policy_version=policy.version,
+                model=self.model_id, dry_run=dry_run)
+            verdicts.append(verdict)
+            if decision_id is not None:
+                records.append(DecisionRecord(
+                    decision_id=decision_id,
+                    event=p.event.model_dump(mode="json", exclude_none=True),
+                    fingerprint=p.fingerprint, service=p.service, severity=p.event.severity,
+                    decision=d.decision, score=res.score, is_novel=res.is_novel,
+                    threshold=res.threshold, confidence=d.confidence,
+                    components=res.components,
+                    neighbor_ids=[n.kb_ids[0] for n in res.neighbours],
+                    neighbor_similarities=[n.similarity for n in res.neighbours],
+                    reasons=d.reasons, resolution=resolution, policy_version=policy.version,
+                    model_id=self.model_id))
+        self.store.add_decisions(records)
+        return verdicts
+
+    def similar(self, text: str, k: int = 5) -> list[Neighbour]:
+        """"Have we seen this before?": the ``k`` nearest past incidents to free text."""
+        p = _prepare([EventIn(title=text)])[0]
+        vec = self.cache.embed([p.fingerprint], [p.masked])
+        found = self.scorer.search([Query(vec[0], p.fingerprint, p.masked)], k)
+        return self._display(found)[0]
+
+    def _display(self, lists: Sequence[Sequence[ScoredNeighbour]]) -> list[list[Neighbour]]:
+        """API neighbours: per fingerprint group, its latest incident with a resolution."""
+        wanted = {_representative(n) for ns in lists for n in ns}
+        incidents = self.store.incidents_by_id(sorted(wanted))
+        return [[_neighbour(incidents[_representative(n)], n) for n in ns
+                 if _representative(n) in incidents] for ns in lists]
+
+    # -- learning -------------------------------------------------------------------------------
+    def feedback(self, decision_id: str, fb: FeedbackIn) -> FeedbackOut:
+        """Record feedback; a resolution makes the event a KB incident, indexed before returning."""
+        record = self.store.get_decision(decision_id)
+        if record is None:
+            raise DecisionNotFound(decision_id)
+        incident = None
+        prepared = None
+        if fb.resolution is not None:
+            event = EventIn.model_validate(
+                {**record.event, "resolution": fb.resolution.model_dump(),
+                 "outcome": fb.outcome or "resolved"})
+            prepared = _prepare([event])[0]
+            incident = _new_incident(prepared, "feedback", decision_id=decision_id)
+        applied = record.resolution
+        applied_key = resolution_key(applied["action"]) if applied else None
+        with self._mutate:
+            vectors = (self.cache.embed([prepared.fingerprint], [prepared.masked])
+                       if prepared is not None else None)
+            feedback_id, kb_id = self.store.add_feedback(
+                decision_id, correct=fb.correct, novel=fb.novel,
+                resolution=fb.resolution.model_dump() if fb.resolution else None,
+                resolution_key=applied_key, outcome=fb.outcome, note=fb.note, incident=incident)
+            if prepared is not None and kb_id is not None and vectors is not None:
+                self._learn([(kb_id, prepared)], vectors)
+            elif applied_key is not None and fb.outcome is not None:
+                self._count_outcome(applied_key, fb.outcome)
+        return FeedbackOut(feedback_id=feedback_id, decision_id=decision_id,
+                           incident=(prepared.event.id or kb_ref(kb_id))
+                           if prepared is not None and kb_id is not None else None)
+
+    # -- reading --------------------------------------------------------------------------------
+    def decisions(self, limit: int = 50, decision: str | None = None) -> list[DecisionOut]:
+        return [_decision_out(r) for r in self.store.list_decisions(limit, decision)]
+
+    def stats(self) -> Stats:
+        refs = self.scorer.references_
+        return Stats(
+            incidents=self.store.count_incidents(), indexed=self.scorer.incidents,
+            decisions=self.store.count_decisions(), open_escalations=0,
+            policy_version=self.policy.version, model=self.model_id,
+            index={"kind": "flat", "vectors": self.index.ntotal, "status": self.index_status,
+                   "last_kb_id": self._last_kb_id},
+            calibration={"lexical_weight": round(1 - self.scorer.weight_, 3),
+                         "density_exponent": self.scorer.beta_,
+                         "separation_auroc": self.scorer.separation_,
+                         "references": {k: len(v) for k, v in refs.items()},
+                         "fitted_groups": self.scorer.fitted_groups_},
+            cache=self.cache.stats.as_dict())
+
+
+def _item(row: tuple[int, str, str, str | None, str | None]) -> Item:
+    return Item(kb_id=row[0], fingerprint=row[1], masked=row[2], service=row[3],
+                resolution_key=row[4])
+
+
+def _new_incident(p: _Prepared, origin: str, *, decision_id: str | None = None) -> NewIncident:
+    e = p.event
+    return NewIncident(
+        title=e.title, masked=p.masked, fingerprint=p.fingerprint, origin=origin,
+        client_id=e.id, text=e.text, service=e.service, severity=e.severity, source=e.source,
+        labels=dict(e.labels), occurred_at=e.occurred_at or datetime.now(UTC),
+        resolution=e.resolution.model_dump() if e.resolution else None,
+        resolution_key=resolution_key(e.resolution.action) if e.resolution else None,
+        outcome=e.outcome, decision_id=decision_id)
+
+
+def _representative(n: ScoredNeighbour) -> int:
+    return n.kb_ids[-1]
+
+
+def _neighbour(inc: Incident, n: ScoredNeighbour) -> Neighbour:
+    return Neighbour(
+        id=inc.ref, kb_id=kb_ref(inc.kb_id), title=inc.title, service=inc.service,
+        similarity=round(n.similarity, 6),
+        resolution=Resolution(**inc.resolution) if inc.resolution else None,
+        outcome=inc.outcome, occurred_at=inc.occurred_at, occurrences=len(n.kb_ids))
+
+
+def _novelty(res: NoveltyResult) -> Novelty:
+    return Novelty(score=res.score, is_novel=res.is_novel, threshold=res.threshold,
+                   nearest_similarity=res.nearest_similarity,
+                   components={k: float(v) for k, v in res.components.items()})
+
+
+def _decision_out(r: DecisionRecord) -> DecisionOut:
+    return DecisionOut(
+        decision_id=r.decision_id, created_at=r.created_at, decision=r.decision,  # type: ignore[arg-type]
+        event=r.event, score=r.score, is_novel=r.is_novel, threshold=r.threshold,
+        confidence=r.confidence, components=r.components,
+        neighbor_ids=[kb_ref(i) for i in r.neighbor_ids],
+        neighbor_similarities=r.neighbor_similarities, reasons=r.reasons,
+        resolution=Resolution(**r.resolution) if r.resolution else None,
+        policy_version=r.policy_version, model=r.model_id)
+
+
+def _json(value: Any) -> dict[str, Any]:
+    import json
+
+    out = json.loads(value) if isinstance(value, str) else value
+    return dict(out) if out else {}

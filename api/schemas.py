@@ -1,0 +1,197 @@
+"""HTTP schemas, split by direction (``…In`` arrives, the rest leaves). Names follow API.md."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
+
+Severity = Literal["critical", "error", "warning", "info"]
+Outcome = Literal["resolved", "failed", "unknown"]
+DecisionKind = Literal["replay", "review", "escalate"]
+
+
+def _no_nul(value: str) -> str:
+    if "\x00" in value:
+        raise ValueError("must not contain NUL characters")
+    return value
+
+
+def _not_blank(value: str) -> str:
+    if not value.strip():
+        raise ValueError("must not be blank")
+    return value
+
+
+Text = Annotated[str, AfterValidator(_no_nul)]
+ShortText = Annotated[str, StringConstraints(max_length=200), AfterValidator(_no_nul)]
+Title = Annotated[str, StringConstraints(min_length=1, max_length=2000),
+                  AfterValidator(_no_nul), AfterValidator(_not_blank)]
+LabelKey = Annotated[str, StringConstraints(min_length=1, max_length=200), AfterValidator(_no_nul)]
+LabelValue = Annotated[str, StringConstraints(max_length=2000), AfterValidator(_no_nul)]
+
+
+class _In(BaseModel):
+    # Clients may send fields this version does not know; they are ignored, never an error.
+    model_config = ConfigDict(extra="ignore", str_strip_whitespace=False)
+
+
+class ResolutionIn(_In):
+    action: Title
+    runbook: Annotated[Text, StringConstraints(max_length=2000)] | None = None
+    rollback: Annotated[Text, StringConstraints(max_length=2000)] | None = None
+    automatable: bool = True
+
+
+class EventIn(_In):
+    id: Annotated[Text, StringConstraints(min_length=1, max_length=128)] | None = None
+    title: Title
+    text: Annotated[Text, StringConstraints(max_length=20000)] | None = None
+    service: ShortText | None = None
+    severity: Severity | None = None
+    source: ShortText | None = None
+    labels: Annotated[dict[LabelKey, LabelValue], Field(max_length=64)] = Field(
+        default_factory=dict)
+    occurred_at: datetime | None = None
+    resolution: ResolutionIn | None = None
+    outcome: Outcome | None = None
+
+
+class CheckIn(EventIn):
+    dry_run: bool = False
+
+
+class EventsIn(_In):
+    events: Annotated[list[EventIn], Field(min_length=1, max_length=1000)]
+
+
+class BatchCheckIn(_In):
+    events: Annotated[list[EventIn], Field(min_length=1, max_length=1000)]
+    dry_run: bool = False
+
+
+class FeedbackIn(_In):
+    correct: bool
+    novel: bool | None = None
+    resolution: ResolutionIn | None = None
+    outcome: Literal["resolved", "failed"] | None = None
+    note: Annotated[Text, StringConstraints(max_length=5000)] | None = None
+
+
+class Resolution(BaseModel):
+    action: str
+    runbook: str | None = None
+    rollback: str | None = None
+    automatable: bool = True
+
+
+class Neighbour(BaseModel):
+    id: str
+    kb_id: str
+    title: str
+    service: str | None
+    similarity: float
+    resolution: Resolution | None
+    outcome: str | None
+    occurred_at: datetime | None
+    occurrences: int = 1
+
+
+class Novelty(BaseModel):
+    score: float
+    is_novel: bool
+    threshold: float
+    nearest_similarity: float
+    components: dict[str, float]
+
+
+class Verdict(BaseModel):
+    decision_id: str | None
+    decision: DecisionKind
+    novelty: Novelty
+    confidence: float
+    resolution: Resolution | None
+    neighbors: list[Neighbour]
+    reasons: list[str]
+    policy_version: int
+    model: str
+    dry_run: bool = False
+
+
+class BatchVerdicts(BaseModel):
+    results: list[Verdict]
+
+
+class IngestOut(BaseModel):
+    ids: list[str]
+    created: int
+
+
+class FeedbackOut(BaseModel):
+    feedback_id: str
+    decision_id: str
+    incident: str | None
+
+
+class DecisionOut(BaseModel):
+    decision_id: str
+    created_at: datetime | None
+    decision: DecisionKind
+    event: dict[str, Any]
+    score: float
+    is_novel: bool
+    threshold: float
+    confidence: float
+    components: dict[str, float]
+    neighbor_ids: list[str]
+    neighbor_similarities: list[float]
+    reasons: list[str]
+    resolution: Resolution | None
+    policy_version: int
+    model: str
+
+
+class DecisionList(BaseModel):
+    decisions: list[DecisionOut]
+
+
+class TrackRecordOut(BaseModel):
+    successes: int
+    failures: int
+    lower_bound: float
+
+
+class IncidentOut(BaseModel):
+    id: str
+    kb_id: str
+    title: str
+    text: str | None
+    service: str | None
+    severity: str | None
+    source: str | None
+    labels: dict[str, str]
+    occurred_at: datetime | None
+    created_at: datetime
+    fingerprint: str
+    resolution: Resolution | None
+    outcome: str | None
+    origin: str
+    track_record: TrackRecordOut | None
+
+
+class NeighbourList(BaseModel):
+    query: str
+    neighbors: list[Neighbour]
+
+
+class Stats(BaseModel):
+    incidents: int
+    indexed: int
+    decisions: int
+    open_escalations: int
+    policy_version: int
+    model: str
+    index: dict[str, Any]
+    calibration: dict[str, Any]
+    cache: dict[str, int]

@@ -1,0 +1,35 @@
+"""One settings object (environment variables prefixed ``DEJA_``), built by a function."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from embeddings.encoder import DEFAULT_MODEL
+
+
+class Settings(BaseSettings):
+    """Deja's configuration; every field can be set as ``DEJA_<NAME>``."""
+
+    model_config = SettingsConfigDict(env_prefix="DEJA_", extra="ignore")
+
+    data_dir: Path = Path("data/demo")
+    host: str = "127.0.0.1"
+    port: int = 8000
+    #: Any sentence-transformers model path or name; the default is the packaged, verified one.
+    model: str = DEFAULT_MODEL
+    #: Default policy: tolerated false-escalation rate.
+    alpha: float = 0.05
+    #: Dense neighbours re-ranked per check (recall of look-alikes vs cost).
+    candidates: int = 32
+    #: Largest ``k`` a client may ask for.
+    max_k: int = 100
+    #: Largest request body accepted, in bytes.
+    max_body_bytes: int = 10 * 1024 * 1024
+    #: Save the index after this many new vectors (it is always saved on shutdown).
+    index_save_every: int = 5000
+
+
+def get_settings(**overrides: object) -> Settings:
+    return Settings(**overrides)  # type: ignore[arg-type]

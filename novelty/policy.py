@@ -1,0 +1,168 @@
+"""The decision policy: novelty + neighbours + track records → replay | review | escalate.
+
+A policy is a plain, immutable value (its version travels with every verdict), so the same policy
+can be replayed over stored history. The rules, in order:
+
+1. ``escalate`` when the event is novel at the policy's α.
+2. ``review`` when the match is familiar but weak, when the matching neighbours carry no
+   resolution, when they disagree, when the agreed resolution's track record is thin or bad, when
+   it is not automatable, or when automation is not allowed for the event's service or severity.
+3. ``replay`` otherwise.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+from scipy.stats import beta as beta_dist
+
+from novelty.scorer import NoveltyResult
+
+__all__ = ["Decision", "DecisionKind", "Policy", "TrackRecord", "parse_policy", "resolution_key"]
+
+DecisionKind = Literal["replay", "review", "escalate"]
+
+
+@dataclass(frozen=True)
+class TrackRecord:
+    """Outcomes of one resolution: a Beta(1 + successes, 1 + failures) posterior."""
+
+    successes: int = 0
+    failures: int = 0
+
+    def lower_bound(self, credibility: float) -> float:
+        """The success rate we are ``credibility`` sure the resolution beats."""
+        return float(beta_dist.ppf(1.0 - credibility, 1 + self.successes, 1 + self.failures))
+
+
+@dataclass(frozen=True)
+class Decision:
+    decision: DecisionKind
+    confidence: float
+    reasons: list[str]
+    resolution_key: str | None
+    agreement: float
+    track_record: TrackRecord | None
+
+
+@dataclass(frozen=True)
+class Policy:
+    """Thresholds and automation rules; immutable once active.
+
+    - ``alpha``: tolerated share of familiar events escalated (false escalations). Lower escalates
+      less and misses more novelty.
+    - ``weak_match_factor``: a familiar event whose p-value is below this multiple of the
+      effective α is a weak match and goes to review instead of replay.
+    - ``min_agreement``: share of the matching neighbours' incidents that must carry the same
+      resolution for it to be replayed.
+    - ``min_success`` / ``credibility``: replay only if we are ``credibility`` sure that the
+      resolution succeeds more often than ``min_success``.
+    - ``automate_services`` (glob patterns) / ``automate_severities``: where replay is allowed.
+    """
+
+    version: int = 1
+    alpha: float = 0.05
+    weak_match_factor: float = 2.0
+    min_agreement: float = 0.9
+    min_success: float = 0.5
+    credibility: float = 0.9
+    automate_services: tuple[str, ...] = ("*",)
+    automate_severities: tuple[str, ...] = ("info", "warning", "error")
+    neighbours: int = 5
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["automate_services"] = list(self.automate_services)
+        out["automate_severities"] = list(self.automate_severities)
+        out["extra"] = dict(self.extra)
+        return out
+
+    def allows_automation(self, service: str | None, severity: str | None) -> bool:
+        if severity is not None and severity not in self.automate_severities:
+            return False
+        return any(fnmatch.fnmatchcase(service or "", pat) for pat in self.automate_services)
+
+    def decide(self, novelty: NoveltyResult, *, service: str | None, severity: str | None,
+               records: Mapping[str, TrackRecord],
+               automatable: Mapping[str, bool] | None = None) -> Decision:
+        """Apply the rules (module docstring) to one scored event."""
+        p, comp = novelty.p_value, novelty.components
+        if novelty.is_novel:
+            return Decision("escalate", _clip(1.0 - p), [
+                f"novel: novelty {novelty.score:.3f} above threshold {novelty.threshold:.3f} "
+                f"(p-value {p:.3f}, α={self.alpha}); nearest similarity "
+                f"{novelty.nearest_similarity:.3f}"], None, 0.0, None)
+
+        familiarity = _clip(1.0 - novelty.score)
+        votes = self._votes(novelty)
+        if not votes:
+            return Decision("review", familiarity, [
+                f"familiar (nearest similarity {novelty.nearest_similarity:.3f}), but no matching "
+                "incident has a resolution on record"], None, 0.0, None)
+        key, count = votes.most_common(1)[0]
+        agreement = count / sum(votes.values())
+        record = records.get(key, TrackRecord())
+        lower = record.lower_bound(self.credibility)
+        confidence = _clip(familiarity * agreement * lower)
+        reasons: list[str] = []
+        eff_alpha = comp.get("effective_alpha", self.alpha)
+        if p <= min(1.0, self.weak_match_factor * eff_alpha) and comp.get("exact_match", 0) < 1:
+            reasons.append(f"weak match: p-value {p:.3f} is within {self.weak_match_factor:g}× "
+                           f"the novelty level {eff_alpha:.3f}")
+        if agreement < self.min_agreement:
+            reasons.append(f"neighbours disagree: the top resolution has {agreement:.0%} of "
+                           f"{sum(votes.values())} matching incidents (< {self.min_agreement:.0%})")
+        if lower < self.min_success:
+            reasons.append(
+                f"thin or poor track record: {record.successes} resolved, {record.failures} "
+                f"failed; {self.credibility:.0%} lower bound {lower:.2f} < {self.min_success}")
+        if automatable is not None and not automatable.get(key, True):
+            reasons.append("the resolution is marked not automatable")
+        if not self.allows_automation(service, severity):
+            reasons.append(f"policy v{self.version} does not automate service {service!r} at "
+                           f"severity {severity!r}")
+        if reasons:
+            return Decision("review", confidence, reasons, key, agreement, record)
+        return Decision("replay", confidence, [
+            f"familiar: p-value {p:.3f} (nearest similarity {novelty.nearest_similarity:.3f})",
+            f"neighbours agree on one resolution ({agreement:.0%} of {sum(votes.values())})",
+            f"track record {record.successes} resolved / {record.failures} failed "
+            f"(lower bound {lower:.2f} ≥ {self.min_success})"], key, agreement, record)
+
+    def _votes(self, novelty: NoveltyResult) -> Counter[str]:
+        """Resolutions of the neighbours that are themselves close enough to be a match."""
+        votes: Counter[str] = Counter()
+        limit = novelty.raw_threshold
+        for n in novelty.neighbours[: self.neighbours]:
+            if 1.0 - n.similarity > limit and n is not novelty.neighbours[0]:
+                continue
+            for key, count in n.resolutions:
+                votes[key] += count
+        return votes
+
+
+def _clip(x: float) -> float:
+    return float(min(1.0, max(0.0, x)))
+
+
+def resolution_key(action: str) -> str:
+    """Resolutions are the same when their actions are, ignoring case and spacing."""
+    return " ".join(action.lower().split())[:500]
+
+
+
+def parse_policy(data: Mapping[str, Any], version: int) -> Policy:
+    """Build a policy from JSON-like data, ignoring unknown keys into ``extra``."""
+    known = {f for f in Policy.__dataclass_fields__ if f not in ("version", "extra")}
+    kwargs: dict[str, Any] = {k: v for k, v in data.items() if k in known}
+    for name in ("automate_services", "automate_severities"):
+        if name in kwargs:
+            kwargs[name] = tuple(kwargs[name])
+    extra = {k: v for k, v in data.items() if k not in known and k != "version"}
+    return Policy(version=version, extra=extra, **kwargs)
+
