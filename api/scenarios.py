@@ -626,8 +626,8 @@ def render_event(rule: AlertRule, rng: random.Random, *, with_resolution: bool) 
     """One firing of ``rule`` as an Event dict (API.md): ``id``, ``title``, ``text``, ``service``,
     ``severity``, ``source="prometheus"``, ``labels`` and ``occurred_at`` (RFC3339, UTC).
 
-    Hosts, pods, IPs, ports, values, durations, timestamps and the title/text layout vary with
-    ``rng``; the alert name and description stay recognisable in every render. The result depends
+    Hosts, pods, IPs, ports, values, durations and timestamps vary with ``rng``; the title/text
+    layout is fixed per rule, as an alerting pipeline's template is; the alert name and description stay recognisable in every render. The result depends
     only on the rule and the state of ``rng``. With ``with_resolution`` the event also carries
     ``resolution`` (:func:`resolution_for`, identical for every render of the rule) and ``outcome``
     (``"resolved"``, or ``"failed"`` about one time in twelve). Fits API.md's limits: id <= 128,
@@ -663,7 +663,10 @@ def render_event(rule: AlertRule, rng: random.Random, *, with_resolution: bool) 
     firing_for = timedelta(seconds=rng.randrange(60, 3 * 3600))
     host = instance.split(":", 1)[0] if rule.service not in _URL_TARGETS else instance
 
-    title_style = rng.randrange(5)
+    # The layout is the alerting pipeline's template: fixed per rule (one Alertmanager config
+    # renders a given alert the same way every time); only values, hosts and labels vary.
+    layout = random.Random(_stable(f"layout/{rule.group}/{rule.service}/{rule.name}"))
+    title_style = layout.randrange(5)
     if title_style == 0:
         title = f"[FIRING:{rng.choice((1, 1, 1, 2, 3))}] {name} ({instance} {job} {rule.severity})"
     elif title_style == 1:
@@ -676,23 +679,23 @@ def render_event(rule: AlertRule, rng: random.Random, *, with_resolution: bool) 
         title = rule.name
 
     lines: list[str] = []
-    lines.append(rng.choice(("", "Summary: ", "Description: ", "")) + description)
-    value_style = rng.randrange(4)
+    lines.append(layout.choice(("", "Summary: ", "Description: ", "")) + description)
+    value_style = layout.randrange(4)
     if value_style == 0:
         lines.append(f"Current value: {_value_text(value, rule)}")
     elif value_style == 1:
         lines.append(f"VALUE = {_raw(value)}")
     elif value_style == 2:
         lines.append(f"{rule.name.lower()}: observed {_value_text(value, rule)} on {host}")
-    if rng.random() < 0.5:
+    if layout.random() < 0.5:
         inner = " ".join(f"{k}:{v}" for k, v in sorted(labels.items()))
         lines.append(f"LABELS = map[{inner}]")
-    if rng.random() < 0.6:
+    if layout.random() < 0.6:
         since = _rfc3339(occurred - firing_for)
         lines.append(f"Firing since {since} (for {_humanize_duration(firing_for.total_seconds())})")
-    if rule.duration and rng.random() < 0.3:
+    if rule.duration and layout.random() < 0.3:
         lines.append(f"Pending period: {rule.duration}")
-    if rng.random() < 0.3:
+    if layout.random() < 0.3:
         lines.append(f"Expression: {rule.query}")
 
     event: dict[str, Any] = {
