@@ -62,16 +62,19 @@ def get_deja(request: Request) -> Deja:
 DejaDep = Annotated[Deja, Depends(get_deja)]
 
 
-def create_app(deja: Deja | None = None, settings: Settings | None = None) -> FastAPI:
+def create_app(deja: Deja | None = None, settings: Settings | None = None, *,
+               close_on_shutdown: bool = False) -> FastAPI:
     """Build the app around an open :class:`Deja`, or open ``settings.data_dir`` on start-up.
 
-    An app given a ``deja`` does not close it; one that opened its own closes it on shutdown.
+    An app that opened its own Deja closes it on shutdown; one given a ``deja`` closes it only
+    with ``close_on_shutdown`` (the server's case: uvicorn re-raises SIGTERM after shutdown, so
+    code after ``uvicorn.run`` never runs).
     """
     settings = settings or (deja.settings if deja is not None else Settings())
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        owned = None
+        owned = app.state.deja if close_on_shutdown else None
         if getattr(app.state, "deja", None) is None:
             owned = Deja.open(settings.data_dir, settings=settings)
             app.state.deja = owned
@@ -156,7 +159,9 @@ def _install_routes(app: FastAPI, settings: Settings) -> None:
     @app.get("/v1/similar")
     def similar(deja: DejaDep,
                 q: Annotated[str, Query(min_length=1, max_length=2000)],
-                k: Annotated[int, Query(ge=1, le=settings.max_k)] = 5) -> NeighbourList:
+                k: Annotated[int, Query(ge=1)] = 5) -> NeighbourList:
+        if k > settings.max_k:
+            raise InvalidInput(f"k: at most {settings.max_k}", "k")
         if "\x00" in q or not q.strip():
             raise InvalidInput("q: must be non-blank text without NUL characters", "q")
         return NeighbourList(query=q, neighbors=deja.similar(q, k))

@@ -42,11 +42,9 @@ def serve(data_dir: DataDir = Path("data/demo"),
     from api.app import create_app
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    # Opened before uvicorn starts, so a data dir held by another process fails at once.
     deja = _open(data_dir)
-    try:
-        uvicorn.run(create_app(deja), host=host, port=port, log_level="info")
-    finally:
-        deja.close()
+    uvicorn.run(create_app(deja, close_on_shutdown=True), host=host, port=port, log_level="info")
 
 
 def _read_events(path: Path) -> Iterator[tuple[int, EventIn]]:
