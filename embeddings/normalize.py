@@ -19,8 +19,9 @@ from typing import Any
 __all__ = ["canonical_text", "fingerprint", "lexical_tokens", "mask", "normalize"]
 
 # Only the head of a long description is embedded: the model truncates at 256 word pieces anyway,
+# the title and first lines carry what an event is, and embedding cost grows with length;
 # and masking a 20 kB text on every check would be wasted work.
-MAX_CANONICAL_CHARS = 2000
+MAX_CANONICAL_CHARS = 512
 
 _MASKS: list[tuple[re.Pattern[str], str]] = [
     (re.compile(r"\b[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}\b"),
