@@ -192,8 +192,9 @@ def _install_routes(app: FastAPI, settings: Settings) -> None:
         return HTMLResponse(_page(deja, q))
 
 
-_CSS = """body{font-family:system-ui,sans-serif;margin:2rem;color:#222}table{border-collapse:collapse;
-width:100%}td,th{border-bottom:1px solid #ddd;padding:.35rem .5rem;text-align:left;font-size:.9rem;
+_CSS = """body{font-family:system-ui,sans-serif;margin:2rem;color:#222}
+table{border-collapse:collapse;width:100%}
+td,th{border-bottom:1px solid #ddd;padding:.35rem .5rem;text-align:left;font-size:.9rem;
 vertical-align:top}.replay{color:#17803d}.review{color:#b26b00}.escalate{color:#c0262d}
 input[type=text]{width:32rem;padding:.3rem}.muted{color:#777}"""
 

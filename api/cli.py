@@ -128,8 +128,8 @@ def reindex(data_dir: DataDir = Path("data/demo")) -> None:
 
 @app.command()
 def demo(data_dir: DataDir = Path("data/demo"),
-         if_empty: Annotated[bool, typer.Option("--if-empty",
-                                                help="Do nothing if the KB has incidents.")] = False,
+         if_empty: Annotated[bool, typer.Option(
+             "--if-empty", help="Do nothing if the KB has incidents.")] = False,
          seed: int = 0) -> None:
     """Load the demo knowledge base (alerts rendered from the Prometheus rule catalogue)."""
     from api.scenarios import demo_kb

@@ -176,7 +176,8 @@ class Deja:
 
     def _index_rows(self, rows: Sequence[tuple[int, str, str, str | None, str | None]], *,
                     progress: bool = False) -> None:
-        """Add KB rows to the scorer and index, embedding only fingerprints with no stored vector."""
+        """Add KB rows to the scorer and index; only fingerprints with no stored vector are
+        embedded."""
         chunk = 4096
         bar = None
         if progress:
@@ -279,7 +280,8 @@ class Deja:
         verdicts: list[Verdict] = []
         records: list[DecisionRecord] = []
         for p, res, neighbours in zip(prepared, results, shown, strict=True):
-            automatable = {k: bool(v.get("automatable", True)) for k, v in self._resolutions.items()}
+            automatable = {k: bool(v.get("automatable", True))
+                           for k, v in self._resolutions.items()}
             d = policy.decide(res, service=p.service, severity=p.event.severity,
                               records=self._records, automatable=automatable)
             resolution = self._resolutions.get(d.resolution_key) if d.resolution_key else None

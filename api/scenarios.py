@@ -627,8 +627,9 @@ def render_event(rule: AlertRule, rng: random.Random, *, with_resolution: bool) 
     ``severity``, ``source="prometheus"``, ``labels`` and ``occurred_at`` (RFC3339, UTC).
 
     Hosts, pods, IPs, ports, values, durations and timestamps vary with ``rng``; the title/text
-    layout is fixed per rule, as an alerting pipeline's template is; the alert name and description stay recognisable in every render. The result depends
-    only on the rule and the state of ``rng``. With ``with_resolution`` the event also carries
+    layout is fixed per rule, as an alerting pipeline's template is; the alert name and
+    description stay recognisable in every render. The result depends only on the rule and
+    the state of ``rng``. With ``with_resolution`` the event also carries
     ``resolution`` (:func:`resolution_for`, identical for every render of the rule) and ``outcome``
     (``"resolved"``, or ``"failed"`` about one time in twelve). Fits API.md's limits: id <= 128,
     title <= 2000 and text <= 20000 characters.

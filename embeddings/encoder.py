@@ -27,7 +27,7 @@ __all__ = [
 Vectors = npt.NDArray[np.float32]
 
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
-# sha256 of the official all-MiniLM-L6-v2 model.safetensors; the packaged copy is checked against it.
+# sha256 of the official all-MiniLM-L6-v2 model.safetensors; the packaged copy must match it.
 OFFICIAL_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
 
 

@@ -104,7 +104,8 @@ def migrate(con: duckdb.DuckDBPyConnection) -> list[int]:
         con.execute("BEGIN TRANSACTION")
         try:
             fn(con)
-            con.execute("INSERT INTO schema_migrations (version, name) VALUES (?, ?)", [number, name])
+            con.execute("INSERT INTO schema_migrations (version, name) VALUES (?, ?)",
+                        [number, name])
             con.execute("COMMIT")
         except BaseException:
             con.execute("ROLLBACK")

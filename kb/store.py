@@ -111,9 +111,10 @@ def parse_kb_ref(ref: str) -> int | None:
 
 _INCIDENT_COLS = ("kb_id, client_id, title, text, service, severity, source, labels, occurred_at, "
                   "masked, fingerprint, resolution, resolution_key, outcome, origin, created_at")
-_DECISION_COLS = ("decision_id, event, fingerprint, service, severity, decision, score, is_novel, "
-                  "threshold, confidence, components, neighbor_ids, neighbor_similarities, reasons, "
-                  "resolution, policy_version, model_id, created_at")
+_DECISION_COLS = ("decision_id, event, fingerprint, service, severity, decision, score, "
+                  "is_novel, threshold, confidence, components, neighbor_ids, "
+                  "neighbor_similarities, reasons, resolution, policy_version, model_id, "
+                  "created_at")
 
 
 def _loads(value: Any) -> Any:
@@ -277,7 +278,7 @@ class Store:
 
     def incidents_after(self, kb_id: int) -> list[tuple[int, str, str, str | None, str | None]]:
         """``(kb_id, fingerprint, masked, service, resolution_key)`` of rows above ``kb_id``."""
-        return [tuple(r) for r in self._cur().execute(  # type: ignore[misc]
+        return [tuple(r) for r in self._cur().execute(
             "SELECT kb_id, fingerprint, masked, service, resolution_key FROM incidents "
             "WHERE kb_id > ? ORDER BY kb_id", [kb_id]).fetchall()]
 

@@ -1,9 +1,9 @@
 """A FAISS inner-product index whose ids are the caller's ids, persisted with a manifest.
 
-Vectors are L2-normalised, so inner product is cosine similarity. The index file is derived data:
-it is written to a temporary file, fsynced and renamed, and its manifest says which model made the
-vectors, how many there are, which KB rows they cover and the file's checksum, so a reader can tell a
-current file from a stale, torn or foreign one.
+Vectors are L2-normalised, so inner product is cosine similarity. The index file is derived
+data: it is written to a temporary file, fsynced and renamed, and its manifest says which model
+made the vectors, how many there are, which KB rows they cover and the file's checksum, so a
+reader can tell a current file from a stale, torn or foreign one.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ class VectorIndex:
 
     def __init__(self, dim: int) -> None:
         self.dim = dim
-        self._index = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
+        self._index: faiss.Index = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
         self._lock = threading.RLock()
 
     @property

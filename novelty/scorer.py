@@ -197,8 +197,9 @@ class NoveltyScorer:
 
     def _candidates(self, vectors: Vector, k: int) -> list[list[tuple[int, float]]]:
         sims, ids = self.index.search(vectors, k)
-        return [[(self._rep_gid[int(i)], float(s)) for s, i in zip(srow, irow, strict=True)
-                 if i >= 0 and int(i) in self._rep_gid] for srow, irow in zip(sims, ids, strict=True)]
+        rep = self._rep_gid
+        return [[(rep[int(i)], float(s)) for s, i in zip(srow, irow, strict=True)
+                 if i >= 0 and int(i) in rep] for srow, irow in zip(sims, ids, strict=True)]
 
     def _update_density(self, gids: list[int], vectors: Vector) -> None:
         """ρ of new groups, and of old groups the new ones came closer to than their neighbour."""
@@ -344,7 +345,7 @@ class NoveltyScorer:
                 shared[GLOBAL] += len(members) if name != GLOBAL else 0
         return {name: shared[name] / n for name, n in total.items() if n}
 
-    # -- scoring -------------------------------------------------------------------------------------
+    # -- scoring ----------------------------------------------------------------------------
     def reference_for(self, service: str | None) -> Reference | None:
         refs = self.references_
         ref = refs.get(service or GLOBAL)
