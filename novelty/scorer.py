@@ -7,14 +7,21 @@ identical share one vector, so the FAISS index holds one entry per group (keyed 
 first KB id) and duplicates count as weight instead of collapsing density to zero.
 
 For a query, the dense top-``candidates`` groups are re-ranked by a fused similarity
-``w·cosine + (1−w)·jaccard(masked tokens)``; identical fingerprints are similarity 1. The raw
-novelty is ``(1 − best fused similarity) · density factor``, where the density factor compares the
-nearest group's own neighbour distance ρ with the KB's median ρ₀ (``(2ρ₀/(ρ+ρ₀))^β``: > 1 near a
-tight cluster, < 1 inside a broad, varied family, bounded in (0, 2^β]).
+``w·cosine + (1−w)·lexical``, where lexical is the IDF-weighted Jaccard overlap of masked tokens
+(TF-IDF on fingerprints, binary term frequency); identical fingerprints are similarity 1. Over the
+best few neighbours, the raw novelty is the smallest
+``(1 − fused similarity) · density factor + γ · template contradiction``:
 
-``fit`` learns ``w`` and ``β`` from the KB itself, without labels: it mines kinds (templates), then
-compares leave-one-fingerprint-out scores of items that have kin (familiar by construction) with
-leave-one-kind-out scores (novel by construction) and keeps the weights with the best separation.
+- the density factor compares the neighbour's own neighbour distance ρ with the KB's median ρ₀
+  (``(2ρ₀/(ρ+ρ₀))^β``: > 1 near a tight cluster, < 1 inside a broad, varied family, bounded in
+  (0, 2^β]);
+- the template contradiction is the share of the neighbour's mined template (its kind's constant
+  words) that the query contradicts — look-alikes differ exactly there ("VM Started"/"VM Paused").
+
+``fit`` learns ``w``, ``β`` and ``γ`` from the KB itself, without labels: it mines kinds
+(templates), then compares leave-one-fingerprint-out scores of items that have kin (familiar by
+construction) with leave-one-kind-out scores (novel by construction) and keeps the weights with
+the best separation (AUROC between the two).
 The familiar scores, per service, are the conformal reference that turns a raw score into a
 p-value and an α-level threshold (:mod:`novelty.calibration`).
 """
@@ -24,7 +31,7 @@ from __future__ import annotations
 import math
 import threading
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -34,7 +41,7 @@ from sklearn.metrics import roc_auc_score
 from embeddings.normalize import lexical_tokens
 from novelty.calibration import Reference
 from novelty.index import VectorIndex
-from novelty.templates import TemplateMiner
+from novelty.templates import TemplateMiner, contradiction, merge
 
 __all__ = ["Item", "Neighbour", "NoveltyResult", "NoveltyScorer", "Query"]
 
@@ -86,13 +93,6 @@ class NoveltyResult:
     neighbours: list[Neighbour] = field(default_factory=list)
 
 
-def _jaccard(a: frozenset[str], b: frozenset[str]) -> float:
-    if not a and not b:
-        return 1.0
-    inter = len(a & b)
-    return inter / (len(a) + len(b) - inter)
-
-
 class NoveltyScorer:
     """Novelty of events against a growing KB; see the module docstring for the method.
 
@@ -112,6 +112,9 @@ class NoveltyScorer:
 
     WEIGHTS = tuple(round(0.1 * i, 1) for i in range(11))
     BETAS = (0.0, 0.5, 1.0)
+    GAMMAS = (0.0, 0.1, 0.2, 0.4, 0.8, 1.6)
+    #: Neighbours (by fused similarity) whose template contradiction is weighed.
+    TOP = 5
 
     def __init__(self, index: VectorIndex, *, candidates: int = 32, min_reference: int = 20,
                  max_calibration: int = 4000, kind_similarity: float = 0.5,
@@ -132,10 +135,14 @@ class NoveltyScorer:
         self._members: list[list[int]] = []
         self._resolutions: list[Counter[str]] = []
         self._rho: list[float] = []
+        self._df: Counter[str] = Counter()
+        self._seq: list[list[str]] = []
+        self._kind_groups: dict[int, list[int]] = {}
         self._lock = threading.RLock()
         # Learned by fit(); usable defaults until then.
         self.weight_ = 0.5
         self.beta_ = 0.0
+        self.gamma_ = 0.0
         self.rho0_ = 1.0
         self.references_: dict[str, Reference] = {}
         self.fallback_threshold_ = default_threshold
@@ -187,13 +194,31 @@ class NoveltyScorer:
         self._fp_gid[item.fingerprint] = gid
         self._rep.append(item.kb_id)
         self._rep_gid[item.kb_id] = gid
-        self._tokens.append(lexical_tokens(item.masked))
+        tokens = lexical_tokens(item.masked)
+        self._tokens.append(tokens)
+        self._df.update(tokens)
         self._service.append(item.service)
-        self._kind.append(self._miner.add(item.masked.split()))
+        seq = item.masked.split()
+        kind = self._miner.add(seq)
+        self._seq.append(seq)
+        self._kind.append(kind)
+        self._kind_groups.setdefault(kind, []).append(gid)
         self._members.append([])
         self._resolutions.append(Counter())
         self._rho.append(math.nan)
         return gid
+
+    def _idf(self, token: str) -> float:
+        return math.log((len(self._rep) + 1) / (self._df.get(token, 0) + 1)) + 1.0
+
+    def _lexical(self, a: frozenset[str], b: frozenset[str]) -> float:
+        """IDF-weighted Jaccard of masked token sets: sharing a rare word counts for more than
+        sharing a common one, and a word the KB has never seen weighs most when it differs."""
+        if not a and not b:
+            return 1.0
+        inter = sum(self._idf(t) for t in a & b)
+        union = sum(self._idf(t) for t in a | b)
+        return inter / union
 
     def _candidates(self, vectors: Vector, k: int) -> list[list[tuple[int, float]]]:
         sims, ids = self.index.search(vectors, k)
@@ -209,7 +234,8 @@ class NoveltyScorer:
             for other, cos in cands:
                 if other == gid:
                     continue
-                d = 1.0 - (w * cos + (1 - w) * _jaccard(self._tokens[gid], self._tokens[other]))
+                d = 1.0 - (w * cos + (1 - w) * self._lexical(self._tokens[gid],
+                                                              self._tokens[other]))
                 best = min(best, d)
                 if not self._rho[other] <= d:
                     self._rho[other] = d
@@ -239,6 +265,7 @@ class NoveltyScorer:
             self.rho0_ = float(max(np.median(rhos), 1e-3)) if len(rhos) else 1.0
             kin = self._kin(pos)
             self.beta_ = self._best_beta(kin, neg)
+            self.gamma_ = self._best_gamma(kin, neg)
             self._set_references(kin, neg)
             self.fitted_groups_ = n
             return self
@@ -251,14 +278,25 @@ class NoveltyScorer:
         for g, row in zip(sample.tolist(), cands, strict=True):
             kind = self._kind[g]
             mine = self._tokens[g]
+            seq = self._seq[g]
             near = [(o, c) for o, c in row if o != g][: self.candidates]
             if near:
-                pos.append(_Loo(g, near, [_jaccard(mine, self._tokens[o]) for o, _ in near],
-                                kind_sizes[kind] >= 2))
+                # The held-out item's own kind is judged by the template of its other members.
+                own = [self._seq[m] for m in self._kind_groups[kind] if m != g]
+                own_template = merge(own) if own else None
+                pos.append(_Loo(
+                    g, near, [self._lexical(mine, self._tokens[o]) for o, _ in near],
+                    [contradiction(seq, own_template) if self._kind[o] == kind and own_template
+                     else self._contradiction(seq, o) for o, _ in near],
+                    kind_sizes[kind] >= 2))
             far = [(o, c) for o, c in row if self._kind[o] != kind][: self.candidates]
             if far:
-                neg.append(_Loo(g, far, [_jaccard(mine, self._tokens[o]) for o, _ in far], False))
+                neg.append(_Loo(g, far, [self._lexical(mine, self._tokens[o]) for o, _ in far],
+                                [self._contradiction(seq, o) for o, _ in far], False))
         return pos, neg
+
+    def _contradiction(self, seq: list[str], gid: int) -> float:
+        return contradiction(seq, self._miner.templates[self._kind[gid]])
 
     def _best_weight(self, pos: list[_Loo], neg: list[_Loo]) -> float:
         if not pos or not neg:
@@ -293,14 +331,25 @@ class NoveltyScorer:
         w = self.weight_
         best_b, best_auc = 0.0, -1.0
         for b in self.BETAS:
-            def raw(x: _Loo, b: float = b) -> float:
-                d, gid = x.distance(w)
-                return d * self._factor(gid, b)
-            auc = _auroc([raw(x) for x in pos], [raw(x) for x in neg])
+            auc = _auroc([x.raw(w, self._factor, b, 0.0, self.TOP)[0] for x in pos],
+                         [x.raw(w, self._factor, b, 0.0, self.TOP)[0] for x in neg])
             if auc > best_auc + 1e-9:
                 best_b, best_auc = b, auc
         self.separation_ = best_auc
         return best_b
+
+    def _best_gamma(self, pos: list[_Loo], neg: list[_Loo]) -> float:
+        if not pos or not neg:
+            return 0.0
+        w, b = self.weight_, self.beta_
+        best_g, best_auc = 0.0, -1.0
+        for g in self.GAMMAS:
+            auc = _auroc([x.raw(w, self._factor, b, g, self.TOP)[0] for x in pos],
+                         [x.raw(w, self._factor, b, g, self.TOP)[0] for x in neg])
+            if auc > best_auc + 1e-9:
+                best_g, best_auc = g, auc
+        self.separation_ = best_auc
+        return best_g
 
     def _kin(self, pos: list[_Loo]) -> list[_Loo]:
         """Held-out items whose nearest neighbour is kin: a member of the same mined template.
@@ -314,12 +363,11 @@ class NoveltyScorer:
                 if x.has_kin and self._kind[x.distance(self.weight_)[1]] == self._kind[x.gid]]
 
     def _set_references(self, pos: list[_Loo], neg: list[_Loo]) -> None:
-        w, b = self.weight_, self.beta_
+        w, b, g = self.weight_, self.beta_, self.gamma_
         by_service: dict[str, list[float]] = {}
         all_pos: list[float] = []
         for x in pos:
-            d, gid = x.distance(w)
-            raw = d * self._factor(gid, b)
+            raw = x.raw(w, self._factor, b, g, self.TOP)[0]
             all_pos.append(raw)
             by_service.setdefault(self._service[x.gid] or GLOBAL, []).append(raw)
         dup = self._duplicate_rates()
@@ -328,7 +376,7 @@ class NoveltyScorer:
                 if name != GLOBAL and len(scores) >= self.min_reference}
         refs[GLOBAL] = Reference(all_pos, GLOBAL, duplicate_rate=dup[GLOBAL])
         self.references_ = refs
-        neg_raw = np.asarray([x.distance(w)[0] * self._factor(x.distance(w)[1], b) for x in neg])
+        neg_raw = np.asarray([x.raw(w, self._factor, b, g, self.TOP)[0] for x in neg])
         self.fallback_threshold_ = _fallback_threshold(np.asarray(all_pos), neg_raw,
                                                        self.default_threshold)
 
@@ -379,7 +427,7 @@ class NoveltyScorer:
                 seen = True
                 scored.append((1.0, 1.0, 1.0, gid))
             else:
-                lex = _jaccard(tokens, self._tokens[gid])
+                lex = self._lexical(tokens, self._tokens[gid])
                 scored.append((w * cos + (1 - w) * lex, cos, lex, gid))
         if exact is not None and not seen:
             scored.append((1.0, 1.0, 1.0, exact))
@@ -404,15 +452,22 @@ class NoveltyScorer:
     def _result(self, q: Query, ranked: list[Neighbour], alpha: float, k: int) -> NoveltyResult:
         ref = self.reference_for(q.service)
         t = self.raw_threshold(ref, alpha)
-        if ranked:
-            top = ranked[0]
-            gid = self._rep_gid[top.kb_ids[0]]
+        seq = q.masked.split()
+        exact = q.fingerprint in self._fp_gid
+        best = ranked[: self.TOP]
+        contra = [0.0 if exact and i == 0 else
+                  self._contradiction(seq, self._rep_gid[n.kb_ids[0]]) for i, n in enumerate(best)]
+        raw, arg = _combine([(n.similarity, self._rep_gid[n.kb_ids[0]], m)
+                             for n, m in zip(best, contra, strict=True)],
+                            self._factor, self.beta_, self.gamma_)
+        top = next((n for n in best if self._rep_gid[n.kb_ids[0]] == arg), None)
+        if top is not None:
             distance = max(0.0, 1.0 - top.similarity)
-            factor = self._factor(gid, self.beta_)
-            rho = self._rho[gid]
+            factor = self._factor(arg, self.beta_)
+            rho = self._rho[arg]
+            m_top = contra[best.index(top)]
         else:
-            top, distance, factor, rho = None, 1.0, 1.0, math.nan
-        raw = distance * factor
+            distance, factor, rho, m_top = 1.0, 1.0, math.nan, 1.0
         p = _p_value(ref, raw)
         score = _to_score(raw, p)
         threshold = 1.0 if math.isinf(t) else _to_score(t, _p_value(ref, t))
@@ -422,9 +477,11 @@ class NoveltyScorer:
             "max_cosine": max((n.cosine for n in ranked), default=0.0),
             "lexical": top.lexical if top else 0.0,
             "fused_similarity": top.similarity if top else 0.0,
-            "exact_match": 1.0 if q.fingerprint in self._fp_gid else 0.0,
+            "exact_match": 1.0 if exact else 0.0,
             "neighbour_radius": rho if not math.isnan(rho) else -1.0,
             "density_ratio": factor,
+            "template_contradiction": m_top,
+            "contradiction_weight": self.gamma_,
             "raw": raw,
             "raw_threshold": t if not math.isinf(t) else -1.0,
             "p_value": p,
@@ -435,7 +492,7 @@ class NoveltyScorer:
         }
         return NoveltyResult(
             score=score, is_novel=raw > t, threshold=threshold, p_value=p, raw=raw,
-            raw_threshold=t, nearest_similarity=top.similarity if top else 0.0,
+            raw_threshold=t, nearest_similarity=ranked[0].similarity if ranked else 0.0,
             reference=ref.name if ref is not None else "none", components=components,
             neighbours=ranked[:k])
 
@@ -445,6 +502,7 @@ class _Loo:
     gid: int
     near: list[tuple[int, float]]
     lexical: list[float]
+    contra: list[float]
     has_kin: bool
 
     def distance(self, w: float) -> tuple[float, int]:
@@ -454,6 +512,24 @@ class _Loo:
             if s > best:
                 best, arg = s, other
         return max(0.0, 1.0 - best), arg
+
+    def raw(self, w: float, factor: Callable[[int, float], float], beta: float, gamma: float,
+            top: int) -> tuple[float, int]:
+        fused = sorted(((w * cos + (1 - w) * lex, other, m) for (other, cos), lex, m
+                        in zip(self.near, self.lexical, self.contra, strict=True)), reverse=True)
+        return _combine([(s, o, m) for s, o, m in fused[:top]], factor, beta, gamma)
+
+
+def _combine(top: list[tuple[float, int, float]], factor: Callable[[int, float], float],
+             beta: float, gamma: float) -> tuple[float, int]:
+    """Raw novelty: the smallest density-scaled distance plus template contradiction over the
+    best few neighbours (by fused similarity)."""
+    best, arg = math.inf, -1
+    for sim, gid, m in top:
+        v = max(0.0, 1.0 - sim) * factor(gid, beta) + gamma * m
+        if v < best:
+            best, arg = v, gid
+    return (best, arg) if arg >= 0 else (1.0, -1)
 
 
 def _auroc(pos: list[float], neg: list[float]) -> float:

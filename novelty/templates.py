@@ -9,7 +9,7 @@ look-alikes such as "VM Started" / "VM Paused" apart.
 
 from __future__ import annotations
 
-__all__ = ["TemplateMiner"]
+__all__ = ["TemplateMiner", "contradiction", "merge"]
 
 _WILD = "<*>"
 
@@ -25,6 +25,8 @@ class TemplateMiner:
         self.similarity = similarity
         self._buckets: dict[tuple[int, str], list[tuple[int, list[str]]]] = {}
         self.sizes: list[int] = []
+        #: Per kind, its template: constant tokens, and ``<*>`` where members differ.
+        self.templates: list[list[str]] = []
 
     def add(self, tokens: list[str]) -> int:
         """Return the kind id of ``tokens``, creating a template or generalising one."""
@@ -41,11 +43,35 @@ class TemplateMiner:
                 best, best_sim = pos, sim
         if best >= 0 and (best_sim > self.similarity or not tokens):
             kind, template = bucket[best]
-            bucket[best] = (kind, [a if a == b else _WILD
-                                   for a, b in zip(template, tokens, strict=True)])
+            merged = [a if a == b else _WILD for a, b in zip(template, tokens, strict=True)]
+            bucket[best] = (kind, merged)
+            self.templates[kind] = merged
             self.sizes[kind] += 1
             return kind
         kind = len(self.sizes)
         self.sizes.append(1)
         bucket.append((kind, list(tokens)))
+        self.templates.append(list(tokens))
         return kind
+
+
+def merge(sequences: list[list[str]]) -> list[str]:
+    """The template of equal-length sequences: their common tokens, ``<*>`` elsewhere."""
+    first = sequences[0]
+    return [tok if all(s[i] == tok for s in sequences[1:]) else _WILD
+            for i, tok in enumerate(first)]
+
+
+def contradiction(tokens: list[str], template: list[str]) -> float:
+    """Share of a template's positions whose constant token ``tokens`` contradicts.
+
+    Look-alike events differ from a known kind in a word the kind never varies ("Acquiring" vs
+    "Releasing suspend blocker …"); fresh members differ only where it does (``<*>``). A
+    different length is a different template (as Drain has it): full contradiction.
+    """
+    if len(tokens) != len(template):
+        return 1.0
+    if not template:
+        return 0.0
+    return sum(1 for t, q in zip(template, tokens, strict=True) if t not in (_WILD, q)) \
+        / len(template)
