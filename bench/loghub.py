@@ -65,20 +65,26 @@ class Split:
 
 
 def load_system(name: str, root: Path | None = None) -> list[LogLine]:
-    """All lines of ``<root>/<name>/<name>_2k.log_structured.csv`` in file order."""
+    """All lines of ``<root>/<name>/<name>_2k.log_structured.csv`` in file order.
+
+    A kind of event is its template: EventIds that share one template string (Linux E17, E18
+    and E19 differ only in the user name a line carries) are merged under the smallest id.
+    """
     path = _csv_path(name, root if root is not None else loghub_dir())
-    lines: list[LogLine] = []
     with path.open(newline="", encoding="utf-8") as fh:
-        for i, row in enumerate(csv.DictReader(fh)):
-            lines.append(
-                LogLine(
-                    content=row["Content"],
-                    event_id=row["EventId"],
-                    template=row["EventTemplate"],
-                    line_no=i,
-                )
-            )
-    return lines
+        rows = list(csv.DictReader(fh))
+    canonical: dict[str, str] = {}
+    for row in rows:
+        tid = canonical.get(row["EventTemplate"])
+        if tid is None or _id_key(row["EventId"]) < _id_key(tid):
+            canonical[row["EventTemplate"]] = row["EventId"]
+    return [LogLine(content=row["Content"], event_id=canonical[row["EventTemplate"]],
+                    template=row["EventTemplate"], line_no=i) for i, row in enumerate(rows)]
+
+
+def _id_key(event_id: str) -> tuple[int, str]:
+    digits = "".join(c for c in event_id if c.isdigit())
+    return (int(digits) if digits else 0, event_id)
 
 
 def split(

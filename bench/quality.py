@@ -80,6 +80,9 @@ class Outcomes:
     expected: list[m.Expected] = field(default_factory=list)
     score: list[float] = field(default_factory=list)
     is_novel: list[bool] = field(default_factory=list)
+    p_value: list[float] = field(default_factory=list)
+    dup_rate: list[float] = field(default_factory=list)
+    exact: list[bool] = field(default_factory=list)
     decision: list[str] = field(default_factory=list)
     action: list[str | None] = field(default_factory=list)
     top: list[str | None] = field(default_factory=list)
@@ -99,6 +102,9 @@ class Outcomes:
             out.expected += o.expected
             out.score += o.score
             out.is_novel += o.is_novel
+            out.p_value += o.p_value
+            out.dup_rate += o.dup_rate
+            out.exact += o.exact
             out.decision += o.decision
             out.action += o.action
             out.top += [None if x is None else pre + x for x in o.top]
@@ -115,6 +121,16 @@ def _select(values: Sequence[Any], mask: Sequence[bool]) -> list[Any]:
 
 def _nan_to_none(x: float) -> float | None:
     return None if math.isnan(x) else x
+
+
+CALIBRATION_ALPHAS = (0.01, 0.02, 0.05, 0.1, 0.2)
+
+
+def novel_at(o: Outcomes, alpha: float) -> list[bool]:
+    """The service's novelty call had the policy asked for level ``alpha``: its conformal
+    p-value against the effective level (see ``novelty.calibration.Reference``)."""
+    return [not ex and p <= min(0.5, alpha / max(1.0 - d, 1e-9))
+            for p, d, ex in zip(o.p_value, o.dup_rate, o.exact, strict=True)]
 
 
 def compute_metrics(o: Outcomes) -> Metrics:
@@ -140,6 +156,11 @@ def compute_metrics(o: Outcomes) -> Metrics:
             )
         ),
     }
+    if len(o.p_value) == len(o.novel):
+        for a in CALIBRATION_ALPHAS:
+            flags = novel_at(o, a)
+            out[f"fe@{a}"] = _nan_to_none(m.false_escalation_rate(_select(flags, known)))
+            out[f"mn@{a}"] = _nan_to_none(m.missed_novelty_rate(_select(flags, o.novel)))
     for d in ("replay", "review", "escalate"):
         out[f"rate_{d}"] = _nan_to_none(
             sum(x == d for x in o.decision) / len(o.decision) if o.decision else math.nan
@@ -397,7 +418,7 @@ def deja_server(
             finally:
                 probe.close()
             key_file = data_dir / "admin.key"
-            deadline = time.monotonic() + 10.0
+            deadline = time.monotonic() + 1.0
             while not key_file.exists() and time.monotonic() < deadline:
                 time.sleep(0.2)
             key = key_file.read_text().strip() if key_file.exists() else None
@@ -495,6 +516,10 @@ def run_case(client: DejaClient, case: Case, baseline: Baseline | None, shared: 
         nov = v["novelty"]
         o.score.append(float(nov["score"]))
         o.is_novel.append(bool(nov["is_novel"]))
+        comp = nov.get("components") or {}
+        o.p_value.append(float(comp.get("p_value", 1.0)))
+        o.dup_rate.append(float(comp.get("duplicate_rate", 0.0)))
+        o.exact.append(bool(comp.get("exact_match", 0.0)))
         o.decision.append(str(v["decision"]))
         res = v.get("resolution") or {}
         o.action.append(None if res.get("action") is None else str(res["action"]))
@@ -565,6 +590,23 @@ def markdown_table(summary: dict[str, dict[str, dict[str, Any]]], n_seeds: int) 
         cells = [_fmt(k, row[k], n_seeds) if k in row else "–" for k, _ in cols]
         label = f"**{name}**" if name == ALL else name
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def calibration_table(summary: dict[str, dict[str, dict[str, Any]]], n_seeds: int) -> str:
+    """Rows: target α; columns: false escalations and missed novelty per pooled case."""
+    names = [n for n in summary if any(k.startswith("fe@") for k in summary[n])]
+    if not names:
+        return "(no calibration data)"
+    lines = ["| target α | " + " | ".join(f"{n} false esc | {n} missed" for n in names) + " |",
+             "|---:|" + "---:|---:|" * len(names)]
+    for a in CALIBRATION_ALPHAS:
+        cells = []
+        for n in names:
+            row = summary[n]
+            cells += [_fmt(f"fe@{a}", row[f"fe@{a}"], n_seeds) if f"fe@{a}" in row else "–",
+                      _fmt(f"mn@{a}", row[f"mn@{a}"], n_seeds) if f"mn@{a}" in row else "–"]
+        lines.append(f"| {a} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -753,6 +795,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         *([""] if notes or errors else []),
         *per_seed_md,
     ]
+    md += ["", "## Calibration curve (target α vs measured, pooled)", "",
+           calibration_table(summary, len(seeds))]
     (args.out / "quality.md").write_text("\n".join(md).rstrip() + "\n")
     payload = {
         "config": {

@@ -4,7 +4,8 @@ A policy is a plain, immutable value (its version travels with every verdict), s
 can be replayed over stored history. The rules, in order:
 
 1. ``escalate`` when the event is novel at the policy's α.
-2. ``review`` when the match is familiar but weak, when the matching neighbours carry no
+2. ``review`` when the match is familiar but weak, when the event contradicts a word that the
+   matched kind never varies (a look-alike), when the matching neighbours carry no
    resolution, when they disagree, when the agreed resolution's track record is thin or bad, when
    it is not automatable, or when automation is not allowed for the event's service or severity.
 3. ``replay`` otherwise.
@@ -13,6 +14,7 @@ can be replayed over stored history. The rules, in order:
 from __future__ import annotations
 
 import fnmatch
+import math
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -114,6 +116,11 @@ class Policy:
         if p <= min(1.0, self.weak_match_factor * eff_alpha) and comp.get("exact_match", 0) < 1:
             reasons.append(f"weak match: p-value {p:.3f} is within {self.weak_match_factor:g}× "
                            f"the novelty level {eff_alpha:.3f}")
+        contradiction = comp.get("template_contradiction", 0.0)
+        if contradiction > 0 and comp.get("exact_match", 0) < 1:
+            reasons.append(
+                f"differs from the matched incidents in {contradiction:.0%} of the words their "
+                "kind never varies: possibly a look-alike of another kind")
         if agreement < self.min_agreement:
             reasons.append(f"neighbours disagree: the top resolution has {agreement:.0%} of "
                            f"{sum(votes.values())} matching incidents (< {self.min_agreement:.0%})")
@@ -135,11 +142,13 @@ class Policy:
             f"(lower bound {lower:.2f} ≥ {self.min_success})"], key, agreement, record)
 
     def _votes(self, novelty: NoveltyResult) -> Counter[str]:
-        """Resolutions of the neighbours that are themselves close enough to be a match."""
+        """Resolutions of the neighbours that would each, alone, make the event familiar (the
+        nearest always counts): the incidents this event plausibly is."""
         votes: Counter[str] = Counter()
         limit = novelty.raw_threshold
-        for n in novelty.neighbours[: self.neighbours]:
-            if 1.0 - n.similarity > limit and n is not novelty.neighbours[0]:
+        for i, n in enumerate(novelty.neighbours[: self.neighbours]):
+            own = novelty.neighbour_raw[i] if i < len(novelty.neighbour_raw) else math.inf
+            if i > 0 and own > limit:
                 continue
             for key, count in n.resolutions:
                 votes[key] += count

@@ -91,6 +91,8 @@ class NoveltyResult:
     reference: str
     components: dict[str, float]
     neighbours: list[Neighbour] = field(default_factory=list)
+    #: Raw novelty the event would have against each of the first neighbours alone.
+    neighbour_raw: list[float] = field(default_factory=list)
 
 
 class NoveltyScorer:
@@ -457,9 +459,9 @@ class NoveltyScorer:
         best = ranked[: self.TOP]
         contra = [0.0 if exact and i == 0 else
                   self._contradiction(seq, self._rep_gid[n.kb_ids[0]]) for i, n in enumerate(best)]
-        raw, arg = _combine([(n.similarity, self._rep_gid[n.kb_ids[0]], m)
-                             for n, m in zip(best, contra, strict=True)],
-                            self._factor, self.beta_, self.gamma_)
+        each = [(n.similarity, self._rep_gid[n.kb_ids[0]], m)
+                for n, m in zip(best, contra, strict=True)]
+        raw, arg = _combine(each, self._factor, self.beta_, self.gamma_)
         top = next((n for n in best if self._rep_gid[n.kb_ids[0]] == arg), None)
         if top is not None:
             distance = max(0.0, 1.0 - top.similarity)
@@ -486,6 +488,7 @@ class NoveltyScorer:
             "raw_threshold": t if not math.isinf(t) else -1.0,
             "p_value": p,
             "effective_alpha": ref.effective_alpha(alpha) if ref is not None else alpha,
+            "duplicate_rate": ref.duplicate_rate if ref is not None else 0.0,
             "lexical_weight": 1.0 - self.weight_,
             "density_exponent": self.beta_,
             "reference_size": float(len(ref) if ref is not None else 0),
@@ -494,7 +497,9 @@ class NoveltyScorer:
             score=score, is_novel=raw > t, threshold=threshold, p_value=p, raw=raw,
             raw_threshold=t, nearest_similarity=ranked[0].similarity if ranked else 0.0,
             reference=ref.name if ref is not None else "none", components=components,
-            neighbours=ranked[:k])
+            neighbours=ranked[:k],
+            neighbour_raw=[_combine([e], self._factor, self.beta_, self.gamma_)[0]
+                           for e in each])
 
 
 @dataclass
