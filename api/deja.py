@@ -341,11 +341,11 @@ class Deja:
         with self._mutate:
             vectors = (self.cache.embed([prepared.fingerprint], [prepared.masked])
                        if prepared is not None else None)
-            feedback_id, kb_id = self.store.add_feedback(
+            feedback_id, kb_id, created = self.store.add_feedback(
                 decision_id, correct=fb.correct, novel=fb.novel,
                 resolution=fb.resolution.model_dump() if fb.resolution else None,
                 resolution_key=applied_key, outcome=fb.outcome, note=fb.note, incident=incident)
-            if prepared is not None and kb_id is not None and vectors is not None:
+            if prepared is not None and kb_id is not None and vectors is not None and created:
                 self._learn([(kb_id, prepared)], vectors)
             elif applied_key is not None and fb.outcome is not None:
                 self._count_outcome(applied_key, fb.outcome)

@@ -95,7 +95,9 @@ class SentenceTransformerEncoder:
                 raise ModelIntegrityError(
                     f"model weights at {weights} have sha256 {digest}, expected {expected}")
         self._model = SentenceTransformer(str(location), device="cpu")
-        self._dim = int(self._model.get_sentence_embedding_dimension() or 0)
+        get_dim = getattr(self._model, "get_embedding_dimension", None) or \
+            self._model.get_sentence_embedding_dimension
+        self._dim = int(get_dim() or 0)
         name = model if expected is None else DEFAULT_MODEL
         self._model_id = f"{name}@{(digest or 'unverified')[:12]}"
         self.batch_size = batch_size

@@ -29,14 +29,18 @@ _MASKS: list[tuple[re.Pattern[str], str]] = [
     (re.compile(r"\b[\w.+-]+@[\w-]+(?:\.[\w-]+)+\b"), "<EMAIL>"),
     (re.compile(r"(?<![\w.])(?:\d{1,3}\.){3}\d{1,3}(?::\d{1,5})?(?![\w.])"), "<IP>"),
     (re.compile(r"\b(?:[0-9a-fA-F]{2}[:-]){5}[0-9a-fA-F]{2}\b"), "<MAC>"),
-    (re.compile(r"\b(?:[0-9a-fA-F]{1,4}:){3,7}[0-9a-fA-F]{1,4}\b"), "<IP>"),
+    # Web-server log timestamps, before IPv6: "12:34:56" would otherwise read as hex groups.
+    (re.compile(r"\b\d{1,2}/(?:Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec)/\d{4}"
+                r"(?::\d{2}:\d{2}:\d{2})?(?:\s?[+-]\d{4})?", re.IGNORECASE), "<TS>"),
+    # IPv6: eight groups, or compressed with "::" (at least one hex group beside it).
+    (re.compile(r"(?<![\w:])(?:[0-9a-fA-F]{1,4}:){7}[0-9a-fA-F]{1,4}(?![\w:])"), "<IP>"),
+    (re.compile(r"(?<![\w:])(?:[0-9a-fA-F]{1,4}(?::[0-9a-fA-F]{1,4})*)?::"
+                r"(?:[0-9a-fA-F]{1,4}(?::[0-9a-fA-F]{1,4})*)?(?![\w:])"), "<IP>"),
     # ISO-8601 and syslog-ish timestamps, dates and clock times.
     (re.compile(
         r"\b\d{4}-\d{2}-\d{2}(?:[T ]\d{1,2}:\d{2}(?::\d{2})?(?:[.,]\d+)?)?"
         r"(?:Z|[+-]\d{2}:?\d{2})?(?![\w-])"), "<TS>"),
     (re.compile(r"\b(?:\d{4}([/.])\d{1,2}\1\d{1,2}|\d{1,2}([/.])\d{1,2}\2\d{4})\b"), "<TS>"),
-    (re.compile(r"\b\d{1,2}/(?:Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec)/\d{4}"
-                r"(?::\d{2}:\d{2}:\d{2})?", re.IGNORECASE), "<TS>"),
     (re.compile(r"\b\d{1,2}:\d{2}:\d{2}(?:[.,]\d+)?\b"), "<TS>"),
     # Kubernetes pod names: <deployment>-<replicaset hash>-<5 chars> or <name>-<5 chars>; the random
     # alphabet has no vowels, which keeps real words like "-cache" out.
@@ -44,6 +48,10 @@ _MASKS: list[tuple[re.Pattern[str], str]] = [
                 r"(?![\w-])"), "-<POD>"),
     (re.compile(r"(?<=[a-z0-9])-(?=[bcdfghjklmnpqrstvwxz]*[2456789])"
                 r"[bcdfghjklmnpqrstvwxz2456789]{5}(?![\w-])"), "-<POD>"),
+    # Host names: dotted names with at least two dots and a digit (node-02.us-west-2.internal);
+    # one-dot names keep their shape and lose only their digits below.
+    (re.compile(r"(?<![\w.-])(?=[\w.-]*\d)[a-zA-Z][a-zA-Z0-9-]*(?:\.[a-zA-Z0-9-]+)+\.[a-zA-Z][a-zA-Z-]*"
+                r"(?![\w-])"), "<HOST>"),
     (re.compile(r"\b0[xX][0-9a-fA-F]+\b"), "<HEX>"),
     # Hashes and hex ids: long hex runs that contain at least one digit and one letter a-f.
     (re.compile(r"\b(?=[0-9a-fA-F]*\d)(?=[0-9a-fA-F]*[a-fA-F])[0-9a-fA-F]{6,}\b"), "<HEX>"),
@@ -51,7 +59,8 @@ _MASKS: list[tuple[re.Pattern[str], str]] = [
 
 # An HTTP status code is kept when something nearby says it is one.
 _HTTP_CODE = re.compile(
-    r"(?i)(?:\bhttp(?:/\d(?:\.\d)?)?|\bstatus(?:[ _]?code)?|\bcode|\bresponse|\breturned|\berror)"
+    r"(?i)(?:\bhttp(?:/(?:\d(?:\.\d)?|<NUM>(?:\.<NUM>)?))?|\bstatus(?:[ _]?code)?|\bcode"
+    r"|\bresponse|\breturned|\berror)"
     r"[\s:=#(\[]*([1-5]\d\d)\b")
 # A standalone number (with optional sign, decimals, unit suffix such as 91.3% or 250ms).
 _NUMBER = re.compile(r"(?<![\w<])[-+]?\d+(?:[.,]\d+)*(?=%|[a-zA-Z]{1,3}\b|\b)")
@@ -76,6 +85,18 @@ def mask(text: str) -> str:
 
     Deterministic and idempotent: ``mask(mask(t)) == mask(t)``.
     """
+    out = _mask_once(text)
+    # A mask can expose a number the rules did not see in context ("2x10G" → "2x<NUM>G"):
+    # masking to a fixed point keeps fingerprints stable under re-masking.
+    for _ in range(3):
+        again = _mask_once(out)
+        if again == out:
+            break
+        out = again
+    return out
+
+
+def _mask_once(text: str) -> str:
     out = text
     for pattern, placeholder in _MASKS:
         out = pattern.sub(placeholder, out)

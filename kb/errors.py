@@ -3,6 +3,8 @@
 DejaError
  ├── IncidentNotFound      no incident with that client id or KB id
  ├── DecisionNotFound      no audited decision with that id
+ ├── EscalationNotFound    no escalation with that id
+ ├── InvalidState          the action does not apply in the object's state (e.g. resolve twice)
  ├── DataDirLocked         another process owns the DuckDB file
  └── InvalidInput          a value the caller sent cannot be used (names the field)
 """
@@ -20,6 +22,14 @@ class IncidentNotFound(DejaError):
 
 class DecisionNotFound(DejaError):
     """No audited decision with that id."""
+
+
+class EscalationNotFound(DejaError):
+    """No escalation with that id."""
+
+
+class InvalidState(DejaError):
+    """The action does not apply in the object's current state."""
 
 
 class DataDirLocked(DejaError):

@@ -91,6 +91,68 @@ def _core(con: duckdb.DuckDBPyConnection) -> None:
     """)
 
 
+@migration(2, "handoff: escalations, grouped events, changes, deliveries, decision outcomes")
+def _handoff(con: duckdb.DuckDBPyConnection) -> None:
+    con.execute("""
+        CREATE TABLE escalations (
+            escalation_id VARCHAR PRIMARY KEY,
+            decision_id VARCHAR NOT NULL,
+            kind VARCHAR NOT NULL,
+            state VARCHAR NOT NULL,
+            fingerprint VARCHAR NOT NULL,
+            service VARCHAR,
+            route JSON NOT NULL,
+            due_at TIMESTAMPTZ NOT NULL,
+            resolve_due_at TIMESTAMPTZ NOT NULL,
+            events INTEGER NOT NULL DEFAULT 1,
+            briefing JSON NOT NULL,
+            suggested_resolution JSON,
+            resolution JSON,
+            policy_version INTEGER NOT NULL,
+            created_at TIMESTAMPTZ NOT NULL,
+            last_event_at TIMESTAMPTZ NOT NULL,
+            acked_at TIMESTAMPTZ,
+            acked_by VARCHAR,
+            resolved_at TIMESTAMPTZ,
+            resolved_by VARCHAR,
+            breached_at TIMESTAMPTZ,
+            breaches INTEGER NOT NULL DEFAULT 0
+        );
+        CREATE TABLE escalation_events (
+            escalation_id VARCHAR NOT NULL,
+            decision_id VARCHAR NOT NULL,
+            event JSON NOT NULL,
+            joined_at TIMESTAMPTZ NOT NULL
+        );
+        CREATE TABLE changes (
+            change_id VARCHAR PRIMARY KEY,
+            service VARCHAR NOT NULL,
+            summary VARCHAR NOT NULL,
+            changed_at TIMESTAMPTZ NOT NULL,
+            author VARCHAR,
+            ref VARCHAR,
+            created_at TIMESTAMPTZ NOT NULL DEFAULT now()
+        );
+        CREATE TABLE deliveries (
+            escalation_id VARCHAR NOT NULL,
+            target VARCHAR NOT NULL,
+            format VARCHAR NOT NULL,
+            attempt INTEGER NOT NULL,
+            status VARCHAR NOT NULL,
+            http_status INTEGER,
+            error VARCHAR,
+            attempted_at TIMESTAMPTZ NOT NULL
+        );
+        CREATE TABLE decision_outcomes (
+            decision_id VARCHAR NOT NULL,
+            outcome VARCHAR NOT NULL,
+            resolution_key VARCHAR,
+            note VARCHAR,
+            reported_at TIMESTAMPTZ NOT NULL DEFAULT now()
+        );
+    """)
+
+
 def migrate(con: duckdb.DuckDBPyConnection) -> list[int]:
     """Apply every migration not yet recorded, each in its own transaction; return those applied."""
     con.execute("""CREATE TABLE IF NOT EXISTS schema_migrations (

@@ -13,7 +13,7 @@ import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ import numpy as np
 import numpy.typing as npt
 
 from kb.errors import DataDirLocked, IncidentNotFound
+from kb.escalations import EscalationStore
 from kb.migrations import migrate
 
 __all__ = ["DecisionRecord", "Incident", "NewIncident", "Store"]
@@ -138,7 +139,7 @@ def _decision(row: tuple[Any, ...]) -> DecisionRecord:
         resolution=_loads(row[14]), policy_version=row[15], model_id=row[16], created_at=row[17])
 
 
-class Store:
+class Store(EscalationStore):
     """DuckDB-backed knowledge base. ``Store(":memory:")`` for tests, ``Store(path)`` to persist."""
 
     def __init__(self, path: str | Path = ":memory:") -> None:
@@ -341,24 +342,27 @@ class Store:
     def add_decisions(self, records: Sequence[DecisionRecord]) -> None:
         if not records:
             return
-        cols: list[list[Any]] = [[] for _ in range(17)]
-        for r in records:
+        cols: list[list[Any]] = [[] for _ in range(18)]
+        # One timestamp per record, a microsecond apart, keeps "newest first" in batch order.
+        base = datetime.now(UTC)
+        for i, r in enumerate(records):
             values = (r.decision_id, json.dumps(r.event), r.fingerprint, r.service, r.severity,
                       r.decision, r.score, r.is_novel, r.threshold, r.confidence,
                       json.dumps(r.components), json.dumps(r.neighbor_ids),
                       json.dumps(r.neighbor_similarities), json.dumps(r.reasons),
                       json.dumps(r.resolution) if r.resolution is not None else None,
-                      r.policy_version, r.model_id)
+                      r.policy_version, r.model_id, base + timedelta(microseconds=i))
             for col, value in zip(cols, values, strict=True):
                 col.append(value)
         with self.transaction() as cur:
             cur.execute(
                 "INSERT INTO decisions (decision_id, event, fingerprint, service, severity, "
                 "decision, score, is_novel, threshold, confidence, components, neighbor_ids, "
-                "neighbor_similarities, reasons, resolution, policy_version, model_id) SELECT "
+                "neighbor_similarities, reasons, resolution, policy_version, model_id, "
+                "created_at) SELECT "
                 + ", ".join(
                     f"unnest(${i + 1})" + ("::JSON" if i in (1, 10, 11, 12, 13, 14) else "")
-                    for i in range(17)), cols)
+                    for i in range(18)), cols)
 
     def get_decision(self, decision_id: str) -> DecisionRecord | None:
         row = self._cur().execute(f"SELECT {_DECISION_COLS} FROM decisions WHERE decision_id = ?",
@@ -383,11 +387,16 @@ class Store:
     def add_feedback(self, decision_id: str, *, correct: bool, novel: bool | None,
                      resolution: dict[str, Any] | None, resolution_key: str | None,
                      outcome: str | None, note: str | None,
-                     incident: NewIncident | None) -> tuple[str, int | None]:
-        """Record feedback, the incident it teaches and the outcome, all in one transaction."""
+                     incident: NewIncident | None) -> tuple[str, int | None, bool]:
+        """Record feedback, the incident it teaches and the outcome, all in one transaction.
+
+        Returns the feedback id, the incident's kb_id and whether the incident is new (a client
+        id already in the KB is not added twice).
+        """
         feedback_id = f"fb-{uuid.uuid4().hex}"
         with self.transaction():
-            kb_id = self.add_incidents([incident])[0][0] if incident is not None else None
+            kb_id, created = (self.add_incidents([incident])[0] if incident is not None
+                              else (None, False))
             cur = self._cur()
             cur.execute(
                 "INSERT INTO feedback (feedback_id, decision_id, correct, novel, resolution, "
@@ -401,7 +410,7 @@ class Store:
                 cur.execute(
                     "INSERT INTO resolution_outcomes (resolution_key, outcome, source, ref) "
                     "VALUES (?, ?, 'feedback', ?)", [resolution_key, outcome, decision_id])
-        return feedback_id, kb_id
+        return feedback_id, kb_id, created
 
     def track_records(self) -> dict[str, tuple[int, int]]:
         """Per resolution key: (successes, failures) over KB incidents and recorded outcomes."""

@@ -142,9 +142,14 @@ class Policy:
             f"(lower bound {lower:.2f} ≥ {self.min_success})"], key, agreement, record)
 
     def _votes(self, novelty: NoveltyResult) -> Counter[str]:
-        """Resolutions of the neighbours that would each, alone, make the event familiar (the
-        nearest always counts): the incidents this event plausibly is."""
+        """Resolutions of the incidents this event plausibly is: its own fingerprint's on an
+        exact repeat, else every neighbour that alone would make it familiar (the nearest always
+        counts)."""
         votes: Counter[str] = Counter()
+        if novelty.components.get("exact_match", 0.0) >= 1.0 and novelty.neighbours:
+            # The event *is* that fingerprint: its incidents alone say what fixed it.
+            votes.update(dict(novelty.neighbours[0].resolutions))
+            return votes
         limit = novelty.raw_threshold
         for i, n in enumerate(novelty.neighbours[: self.neighbours]):
             own = novelty.neighbour_raw[i] if i < len(novelty.neighbour_raw) else math.inf

@@ -47,6 +47,7 @@ __all__ = ["Item", "Neighbour", "NoveltyResult", "NoveltyScorer", "Query"]
 
 Vector = npt.NDArray[np.float32]
 GLOBAL = "*"
+_NO_COUNTS: Counter[str] = Counter()
 
 
 @dataclass(frozen=True)
@@ -140,6 +141,7 @@ class NoveltyScorer:
         self._df: Counter[str] = Counter()
         self._seq: list[list[str]] = []
         self._kind_groups: dict[int, list[int]] = {}
+        self._kind_df: dict[int, Counter[str]] = {}
         self._lock = threading.RLock()
         # Learned by fit(); usable defaults until then.
         self.weight_ = 0.5
@@ -205,22 +207,35 @@ class NoveltyScorer:
         self._seq.append(seq)
         self._kind.append(kind)
         self._kind_groups.setdefault(kind, []).append(gid)
+        self._kind_df.setdefault(kind, Counter()).update(tokens)
         self._members.append([])
         self._resolutions.append(Counter())
         self._rho.append(math.nan)
         return gid
 
-    def _idf(self, token: str) -> float:
-        return math.log((len(self._rep) + 1) / (self._df.get(token, 0) + 1)) + 1.0
-
-    def _lexical(self, a: frozenset[str], b: frozenset[str]) -> float:
+    def _lexical(self, a: frozenset[str], b: frozenset[str],
+                 held_out: Counter[str] | None = None) -> float:
         """IDF-weighted Jaccard of masked token sets: sharing a rare word counts for more than
-        sharing a common one, and a word the KB has never seen weighs most when it differs."""
+        sharing a common one, and a word the KB has never seen weighs most when it differs.
+
+        ``held_out`` (the held-out items' document frequencies) says which words only they use:
+        those count as never seen, as a new event's own words would be. Shared words keep the
+        KB's counts, which a new event meets too.
+        """
         if not a and not b:
             return 1.0
-        inter = sum(self._idf(t) for t in a & b)
-        union = sum(self._idf(t) for t in a | b)
-        return inter / union
+        df = self._df
+        total = len(self._rep) + 1
+        minus = held_out if held_out is not None else _NO_COUNTS
+
+        def idf(t: str) -> float:
+            count = df.get(t, 0)
+            if count and minus.get(t, 0) >= count:
+                count = 0
+            return math.log(total / (count + 1)) + 1.0
+
+        inter = sum(idf(t) for t in a & b)
+        return inter / (inter + sum(idf(t) for t in a ^ b))
 
     def _candidates(self, vectors: Vector, k: int) -> list[list[tuple[int, float]]]:
         sims, ids = self.index.search(vectors, k)
@@ -281,19 +296,22 @@ class NoveltyScorer:
             kind = self._kind[g]
             mine = self._tokens[g]
             seq = self._seq[g]
+            alone = Counter(mine)
+            without_kind = self._kind_df[kind]
             near = [(o, c) for o, c in row if o != g][: self.candidates]
             if near:
                 # The held-out item's own kind is judged by the template of its other members.
                 own = [self._seq[m] for m in self._kind_groups[kind] if m != g]
                 own_template = merge(own) if own else None
                 pos.append(_Loo(
-                    g, near, [self._lexical(mine, self._tokens[o]) for o, _ in near],
+                    g, near, [self._lexical(mine, self._tokens[o], alone) for o, _ in near],
                     [contradiction(seq, own_template) if self._kind[o] == kind and own_template
                      else self._contradiction(seq, o) for o, _ in near],
                     kind_sizes[kind] >= 2))
             far = [(o, c) for o, c in row if self._kind[o] != kind][: self.candidates]
             if far:
-                neg.append(_Loo(g, far, [self._lexical(mine, self._tokens[o]) for o, _ in far],
+                lex = [self._lexical(mine, self._tokens[o], without_kind) for o, _ in far]
+                neg.append(_Loo(g, far, lex,
                                 [self._contradiction(seq, o) for o, _ in far], False))
         return pos, neg
 

@@ -262,7 +262,7 @@ def test_track_records_count_incident_outcomes(store: Store) -> None:
 
 def test_feedback_with_outcome_only_adds_to_the_track_record(store: Store) -> None:
     store.add_incidents([_incident("a", resolution_key="restart", outcome="resolved")])
-    fb_id, kb_id = store.add_feedback("d1", correct=True, novel=False, resolution=None,
+    fb_id, kb_id, _ = store.add_feedback("d1", correct=True, novel=False, resolution=None,
                                       resolution_key="restart", outcome="failed", note="no",
                                       incident=None)
     assert fb_id.startswith("fb-") and kb_id is None
@@ -275,7 +275,7 @@ def test_feedback_with_outcome_only_adds_to_the_track_record(store: Store) -> No
 def test_feedback_with_incident_creates_it_and_counts_its_outcome_once(store: Store) -> None:
     new = _incident("taught", resolution={"action": "rotate"}, resolution_key="rotate",
                     outcome="resolved", origin="feedback", decision_id="d1")
-    _, kb_id = store.add_feedback("d1", correct=False, novel=True,
+    _, kb_id, _ = store.add_feedback("d1", correct=False, novel=True,
                                   resolution={"action": "rotate"}, resolution_key="rotate",
                                   outcome="resolved", note=None, incident=new)
     assert kb_id is not None

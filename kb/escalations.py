@@ -1,0 +1,225 @@
+"""KB tables of the human handoff: escalations, their grouped events, changes, deliveries,
+and what automation reported back about replayed decisions. Mixed into :class:`kb.Store`."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import duckdb
+
+__all__ = ["Change", "EscalationRecord", "EscalationStore"]
+
+ACTIVE_STATES = ("open", "acked", "breached")
+
+_COLS = ("escalation_id, decision_id, kind, state, fingerprint, service, route, due_at, "
+         "resolve_due_at, events, briefing, suggested_resolution, resolution, policy_version, "
+         "created_at, last_event_at, acked_at, acked_by, resolved_at, resolved_by, breached_at, "
+         "breaches")
+
+
+def _loads(value: Any) -> Any:
+    return json.loads(value) if isinstance(value, str) else value
+
+
+@dataclass(frozen=True)
+class EscalationRecord:
+    escalation_id: str
+    decision_id: str
+    kind: str
+    state: str
+    fingerprint: str
+    service: str | None
+    route: dict[str, Any]
+    due_at: datetime
+    resolve_due_at: datetime
+    events: int
+    briefing: dict[str, Any]
+    suggested_resolution: dict[str, Any] | None
+    resolution: dict[str, Any] | None
+    policy_version: int
+    created_at: datetime
+    last_event_at: datetime
+    acked_at: datetime | None
+    acked_by: str | None
+    resolved_at: datetime | None
+    resolved_by: str | None
+    breached_at: datetime | None
+    breaches: int
+
+
+def _escalation(row: tuple[Any, ...]) -> EscalationRecord:
+    values = list(row)
+    for i in (6, 10, 11, 12):
+        values[i] = _loads(values[i])
+    return EscalationRecord(*values)
+
+
+@dataclass(frozen=True)
+class Change:
+    change_id: str
+    service: str
+    summary: str
+    at: datetime
+    author: str | None
+    ref: str | None
+
+
+class EscalationStore:
+    """Escalation persistence; relies on the host class's cursor and transaction."""
+
+    def _cur(self) -> duckdb.DuckDBPyConnection:
+        raise NotImplementedError  # pragma: no cover - provided by Store
+
+    def transaction(self) -> AbstractContextManager[duckdb.DuckDBPyConnection]:
+        raise NotImplementedError  # pragma: no cover - provided by Store
+
+    # -- escalations ----------------------------------------------------------------------------
+    def open_escalation_for(self, fingerprint: str) -> EscalationRecord | None:
+        """The active (not resolved) escalation of this fingerprint, if any."""
+        row = self._cur().execute(
+            f"SELECT {_COLS} FROM escalations WHERE fingerprint = ? AND state IN "
+            f"('open', 'acked', 'breached') ORDER BY created_at DESC LIMIT 1",
+            [fingerprint]).fetchone()
+        return _escalation(row) if row else None
+
+    def add_escalation(self, rec: EscalationRecord, event: dict[str, Any]) -> None:
+        with self.transaction() as cur:
+            cur.execute(
+                f"INSERT INTO escalations ({_COLS}) VALUES "
+                "(?, ?, ?, ?, ?, ?, ?::JSON, ?, ?, ?, ?::JSON, ?::JSON, ?::JSON, ?, ?, ?, ?, ?, "
+                "?, ?, ?, ?)",
+                [rec.escalation_id, rec.decision_id, rec.kind, rec.state, rec.fingerprint,
+                 rec.service, json.dumps(rec.route), rec.due_at, rec.resolve_due_at, rec.events,
+                 json.dumps(rec.briefing), _dump(rec.suggested_resolution),
+                 _dump(rec.resolution), rec.policy_version, rec.created_at, rec.last_event_at,
+                 rec.acked_at, rec.acked_by, rec.resolved_at, rec.resolved_by, rec.breached_at,
+                 rec.breaches])
+            cur.execute("INSERT INTO escalation_events VALUES (?, ?, ?::JSON, ?)",
+                        [rec.escalation_id, rec.decision_id, json.dumps(event), rec.created_at])
+
+    def join_escalation(self, escalation_id: str, decision_id: str, event: dict[str, Any],
+                        at: datetime) -> None:
+        """A near-identical event joins an active escalation instead of opening another."""
+        with self.transaction() as cur:
+            cur.execute("INSERT INTO escalation_events VALUES (?, ?, ?::JSON, ?)",
+                        [escalation_id, decision_id, json.dumps(event), at])
+            cur.execute("UPDATE escalations SET events = events + 1, last_event_at = ? "
+                        "WHERE escalation_id = ?", [at, escalation_id])
+
+    def get_escalation(self, escalation_id: str) -> EscalationRecord | None:
+        row = self._cur().execute(f"SELECT {_COLS} FROM escalations WHERE escalation_id = ?",
+                                  [escalation_id]).fetchone()
+        return _escalation(row) if row else None
+
+    def list_escalations(self, state: str | None = None, limit: int = 100
+                         ) -> list[EscalationRecord]:
+        query = f"SELECT {_COLS} FROM escalations"
+        params: list[Any] = []
+        if state is not None:
+            query += " WHERE state = ?"
+            params.append(state)
+        query += " ORDER BY created_at DESC LIMIT ?"
+        params.append(limit)
+        return [_escalation(r) for r in self._cur().execute(query, params).fetchall()]
+
+    def count_active_escalations(self) -> int:
+        row = self._cur().execute(
+            "SELECT count(*) FROM escalations WHERE state IN ('open', 'acked', 'breached')"
+        ).fetchone()
+        return int(row[0]) if row else 0
+
+    def escalation_events(self, escalation_id: str) -> list[tuple[str, dict[str, Any]]]:
+        """``(decision_id, event)`` of every event grouped into the escalation, oldest first."""
+        rows = self._cur().execute(
+            "SELECT decision_id, event FROM escalation_events WHERE escalation_id = ? "
+            "ORDER BY joined_at", [escalation_id]).fetchall()
+        return [(r[0], _loads(r[1])) for r in rows]
+
+    def ack_escalation(self, escalation_id: str, by: str | None, at: datetime) -> None:
+        with self.transaction() as cur:
+            cur.execute("UPDATE escalations SET state = 'acked', acked_at = ?, acked_by = ? "
+                        "WHERE escalation_id = ?", [at, by, escalation_id])
+
+    def resolve_escalation(self, escalation_id: str, resolution: dict[str, Any] | None,
+                           by: str | None, at: datetime) -> None:
+        with self.transaction() as cur:
+            cur.execute(
+                "UPDATE escalations SET state = 'resolved', resolved_at = ?, resolved_by = ?, "
+                "resolution = ?::JSON, acked_at = coalesce(acked_at, ?) WHERE escalation_id = ?",
+                [at, by, _dump(resolution), at, escalation_id])
+
+    def mark_breached(self, escalation_id: str, at: datetime) -> None:
+        with self.transaction() as cur:
+            cur.execute("UPDATE escalations SET state = 'breached', breached_at = ?, "
+                        "breaches = breaches + 1 WHERE escalation_id = ?", [at, escalation_id])
+
+    def active_escalations(self) -> Iterator[EscalationRecord]:
+        rows = self._cur().execute(
+            f"SELECT {_COLS} FROM escalations WHERE state IN ('open', 'acked', 'breached')"
+        ).fetchall()
+        return (_escalation(r) for r in rows)
+
+    def handoff_latencies(self) -> list[tuple[float | None, float | None]]:
+        """Seconds from creation to ack and to resolution, per escalation."""
+        rows = self._cur().execute(
+            "SELECT epoch(acked_at) - epoch(created_at), epoch(resolved_at) - epoch(created_at) "
+            "FROM escalations").fetchall()
+        return [(r[0], r[1]) for r in rows]
+
+    # -- changes, deliveries, outcomes ---------------------------------------------------------
+    def add_change(self, service: str, summary: str, at: datetime, author: str | None,
+                   ref: str | None) -> str:
+        change_id = f"chg-{uuid.uuid4().hex}"
+        with self.transaction() as cur:
+            cur.execute("INSERT INTO changes (change_id, service, summary, changed_at, author, "
+                        "ref) VALUES (?, ?, ?, ?, ?, ?)",
+                        [change_id, service, summary, at, author, ref])
+        return change_id
+
+    def recent_changes(self, services: Sequence[str], since: datetime, until: datetime
+                       ) -> list[Change]:
+        if not services:
+            return []
+        rows = self._cur().execute(
+            "SELECT change_id, service, summary, changed_at, author, ref FROM changes "
+            "WHERE service IN (SELECT unnest($1)) AND changed_at >= $2 AND changed_at <= $3 "
+            "ORDER BY changed_at DESC LIMIT 20",
+            [list(services), since, until]).fetchall()
+        return [Change(*r) for r in rows]
+
+    def add_delivery(self, escalation_id: str, target: str, fmt: str, attempt: int, status: str,
+                     http_status: int | None, error: str | None, at: datetime) -> None:
+        with self.transaction() as cur:
+            cur.execute("INSERT INTO deliveries VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                        [escalation_id, target, fmt, attempt, status, http_status, error, at])
+
+    def deliveries(self, escalation_id: str) -> list[dict[str, Any]]:
+        rows = self._cur().execute(
+            "SELECT target, format, attempt, status, http_status, error, attempted_at "
+            "FROM deliveries WHERE escalation_id = ? ORDER BY attempted_at",
+            [escalation_id]).fetchall()
+        return [{"target": r[0], "format": r[1], "attempt": r[2], "status": r[3],
+                 "http_status": r[4], "error": r[5], "at": r[6]} for r in rows]
+
+    def add_decision_outcome(self, decision_id: str, outcome: str, resolution_key: str | None,
+                             note: str | None) -> None:
+        """What automation did with a verdict; a replayed resolution's outcome joins its track
+        record (a rollback counts as a failure)."""
+        with self.transaction() as cur:
+            cur.execute("INSERT INTO decision_outcomes (decision_id, outcome, resolution_key, "
+                        "note) VALUES (?, ?, ?, ?)", [decision_id, outcome, resolution_key, note])
+            if resolution_key is not None:
+                counted = "resolved" if outcome == "resolved" else "failed"
+                cur.execute("INSERT INTO resolution_outcomes (resolution_key, outcome, source, "
+                            "ref) VALUES (?, ?, 'decision', ?)",
+                            [resolution_key, counted, decision_id])
+
+
+def _dump(value: dict[str, Any] | None) -> str | None:
+    return json.dumps(value) if value is not None else None
