@@ -13,19 +13,19 @@ STAMP := $(VENV)/.installed
 install: $(STAMP)
 
 # Re-installs only when the project's metadata changed; torch first so nothing pulls a CUDA build.
-$(STAMP): pyproject.toml
+# constraints.txt pins every dependency to the versions the suite last passed with.
+$(STAMP): pyproject.toml constraints.txt
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON)"; exit 1; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e '.[dev]'
+	$(PIP) install -q -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
 run: install
 	HF_HUB_OFFLINE=1 $(VENV)/bin/deja demo --data-dir $(DATA_DIR) --if-empty
 	HF_HUB_OFFLINE=1 $(VENV)/bin/deja serve --data-dir $(DATA_DIR) --host $(HOST) --port $(PORT)
 
-test: install
+test: install lint
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
 
 lint: install
@@ -33,7 +33,7 @@ lint: install
 	$(VENV)/bin/mypy
 
 bench: install
-	HF_HUB_OFFLINE=1 $(PY) -m bench.quality --out bench/results
+	HF_HUB_OFFLINE=1 $(PY) -m bench.quality --out bench/results --seeds 0 1 2
 
 clean:
 	rm -rf $(VENV) data/demo
