@@ -19,28 +19,49 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api.deja import Deja
 from api.schemas import (
+    AckIn,
+    ApproveIn,
     BatchCheckIn,
     BatchVerdicts,
+    ChangeIn,
+    ChangeOut,
     CheckIn,
     DecisionKind,
     DecisionList,
+    EscalationList,
+    EscalationOut,
+    EscalationState,
     EventsIn,
     FeedbackIn,
     FeedbackOut,
     IncidentOut,
     IngestOut,
     NeighbourList,
+    OutcomeIn,
+    OutcomeOut,
+    RejectIn,
+    ResolveIn,
     Stats,
     Verdict,
 )
 from api.settings import Settings
-from kb import DataDirLocked, DecisionNotFound, DejaError, IncidentNotFound, InvalidInput
+from kb import (
+    DataDirLocked,
+    DecisionNotFound,
+    DejaError,
+    EscalationNotFound,
+    IncidentNotFound,
+    InvalidInput,
+    InvalidState,
+)
 
 log = logging.getLogger("deja.http")
 
 _STATUS: dict[type[DejaError], tuple[int, str]] = {
     IncidentNotFound: (404, "incident_not_found"),
     DecisionNotFound: (404, "decision_not_found"),
+    EscalationNotFound: (404, "escalation_not_found"),
+    InvalidState: (409, "invalid_state"),
     InvalidInput: (422, "invalid"),
     DataDirLocked: (503, "data_dir_locked"),
 }
@@ -119,8 +140,10 @@ def _install_errors(app: FastAPI, settings: Settings) -> None:
     async def deja_error(request: Request, exc: DejaError) -> JSONResponse:
         status, code = _STATUS.get(type(exc), (400, "error"))
         field = getattr(exc, "field", None)
-        if isinstance(exc, IncidentNotFound | DecisionNotFound):
-            field = "id" if isinstance(exc, IncidentNotFound) else "decision_id"
+        not_found = {IncidentNotFound: "id", DecisionNotFound: "decision_id",
+                     EscalationNotFound: "escalation_id"}
+        if type(exc) in not_found:
+            field = not_found[type(exc)]
             return _error(status, code, f"no such {field}: {exc}", field)
         return _error(status, code, str(exc), field)
 
@@ -169,6 +192,41 @@ def _install_routes(app: FastAPI, settings: Settings) -> None:
     @app.post("/v1/decisions/{decision_id}/feedback", status_code=201)
     def feedback(decision_id: str, body: FeedbackIn, deja: DejaDep) -> FeedbackOut:
         return deja.feedback(decision_id, body)
+
+    @app.post("/v1/decisions/{decision_id}/outcome", status_code=201)
+    def outcome(decision_id: str, body: OutcomeIn, deja: DejaDep) -> OutcomeOut:
+        return deja.record_outcome(decision_id, body)
+
+    @app.get("/v1/escalations")
+    def escalations(deja: DejaDep, state: EscalationState | None = None,
+                    limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> EscalationList:
+        return EscalationList(escalations=deja.escalations(state, limit))
+
+    @app.get("/v1/escalations/{escalation_id}")
+    def escalation(escalation_id: str, deja: DejaDep) -> EscalationOut:
+        return deja.escalation(escalation_id)
+
+    @app.post("/v1/escalations/{escalation_id}/ack")
+    def ack(escalation_id: str, deja: DejaDep, body: AckIn | None = None) -> EscalationOut:
+        return deja.ack(escalation_id, body.by if body else None)
+
+    @app.post("/v1/escalations/{escalation_id}/resolve")
+    def resolve(escalation_id: str, body: ResolveIn, deja: DejaDep) -> EscalationOut:
+        return deja.resolve(escalation_id, body.resolution, outcome=body.outcome, by=body.by)
+
+    @app.post("/v1/escalations/{escalation_id}/approve")
+    def approve(escalation_id: str, deja: DejaDep, body: ApproveIn | None = None
+                ) -> EscalationOut:
+        body = body or ApproveIn()
+        return deja.approve(escalation_id, outcome=body.outcome, by=body.by)
+
+    @app.post("/v1/escalations/{escalation_id}/reject")
+    def reject(escalation_id: str, body: RejectIn, deja: DejaDep) -> EscalationOut:
+        return deja.reject(escalation_id, body.resolution, outcome=body.outcome, by=body.by)
+
+    @app.post("/v1/changes", status_code=201)
+    def change(body: ChangeIn, deja: DejaDep) -> ChangeOut:
+        return ChangeOut(id=deja.add_change(body))
 
     @app.get("/v1/decisions")
     def decisions(deja: DejaDep, limit: Annotated[int, Query(ge=1, le=1000)] = 50,

@@ -10,28 +10,42 @@ import threading
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from api.escalations import EscalationDesk
 from api.schemas import (
+    ChangeIn,
     DecisionOut,
+    EscalationOut,
     EventIn,
     FeedbackIn,
     FeedbackOut,
     IncidentOut,
     Neighbour,
     Novelty,
+    OutcomeIn,
+    OutcomeOut,
     Resolution,
+    ResolutionIn,
     Stats,
     TrackRecordOut,
     Verdict,
 )
 from api.settings import Settings
 from embeddings import CachedEncoder, Encoder, SentenceTransformerEncoder, fingerprint, normalize
-from kb import DecisionNotFound, DecisionRecord, Incident, NewIncident, Store, kb_ref
+from kb import (
+    DecisionNotFound,
+    DecisionRecord,
+    Incident,
+    InvalidState,
+    NewIncident,
+    Store,
+    kb_ref,
+)
 from novelty import (
     IndexUnusable,
     Item,
@@ -93,6 +107,11 @@ class Deja:
         self._saved_vectors = 0
         self._records: dict[str, TrackRecord] = {}
         self._resolutions: dict[str, dict[str, Any]] = {}
+        self.desk = EscalationDesk(
+            store, settings.routing, sweep_seconds=settings.sweep_seconds,
+            changes_window=timedelta(hours=settings.changes_hours),
+            notify_backoff=settings.notify_backoff_seconds,
+            notify_attempts=settings.notify_attempts)
 
     # -- lifecycle --------------------------------------------------------------------------------
     @classmethod
@@ -111,13 +130,18 @@ class Deja:
         try:
             enc = encoder or SentenceTransformerEncoder(settings.model)
             deja = cls(store, enc, settings, path)
-            deja._load()
+            try:
+                deja._load()
+            except BaseException:
+                deja.desk.close()
+                raise
         except BaseException:
             store.close()
             raise
         return deja
 
     def close(self) -> None:
+        self.desk.close()
         with self._mutate:
             self.save_index()
             self.store.close()
@@ -279,6 +303,7 @@ class Deja:
         shown = self._display([r.neighbours for r in results])
         verdicts: list[Verdict] = []
         records: list[DecisionRecord] = []
+        pending: list[tuple[Verdict, _Prepared]] = []
         for p, res, neighbours in zip(prepared, results, shown, strict=True):
             automatable = {k: bool(v.get("automatable", True))
                            for k, v in self._resolutions.items()}
@@ -294,6 +319,7 @@ class Deja:
                 model=self.model_id, dry_run=dry_run)
             verdicts.append(verdict)
             if decision_id is not None:
+                pending.append((verdict, p))
                 records.append(DecisionRecord(
                     decision_id=decision_id,
                     event=p.event.model_dump(mode="json", exclude_none=True),
@@ -305,7 +331,19 @@ class Deja:
                     neighbor_similarities=[n.similarity for n in res.neighbours],
                     reasons=d.reasons, resolution=resolution, policy_version=policy.version,
                     model_id=self.model_id))
-        self.store.add_decisions(records)
+        # The audit rows and the handoffs they open commit together, before the answer.
+        opened: list[str] = []
+        with self.store.transaction():
+            self.store.add_decisions(records)
+            for verdict, p in pending:
+                if verdict.decision == "replay":
+                    continue
+                verdict.escalation_id, new = self.desk.receive(
+                    verdict, p.event.model_dump(mode="json", exclude_none=True), p.fingerprint)
+                if new:
+                    opened.append(verdict.escalation_id)
+        for escalation_id in opened:
+            self.desk.announce(escalation_id)
         return verdicts
 
     def similar(self, text: str, k: int = 5) -> list[Neighbour]:
@@ -353,6 +391,76 @@ class Deja:
                            incident=(prepared.event.id or kb_ref(kb_id))
                            if prepared is not None and kb_id is not None else None)
 
+    # -- the human queue --------------------------------------------------------------------------
+    def escalations(self, state: str | None = None, limit: int = 100) -> list[EscalationOut]:
+        return [self.desk.out(r) for r in self.store.list_escalations(state, limit)]
+
+    def escalation(self, escalation_id: str) -> EscalationOut:
+        return self.desk.out(self.desk.get(escalation_id), deliveries=True)
+
+    def ack(self, escalation_id: str, by: str | None = None) -> EscalationOut:
+        return self.desk.out(self.desk.ack(escalation_id, by))
+
+    def resolve(self, escalation_id: str, resolution: ResolutionIn, *, outcome: str = "resolved",
+                by: str | None = None, kind: str | None = None) -> EscalationOut:
+        """Close a handoff with what fixed it: every grouped event becomes a KB incident with
+        that resolution, indexed before this returns."""
+        with self._mutate:
+            self.desk.check_open(escalation_id, kind=kind)
+            events = [EventIn.model_validate(
+                {**event, "resolution": resolution.model_dump(), "outcome": outcome})
+                for _, event in self.store.escalation_events(escalation_id)]
+            prepared = _prepare(events)
+            vectors = self.cache.embed([p.fingerprint for p in prepared],
+                                       [p.masked for p in prepared])
+            with self.store.transaction():
+                added = self.store.add_incidents(
+                    [_new_incident(p, "escalation", decision_id=escalation_id)
+                     for p in prepared])
+                self.desk.finish(escalation_id, resolution.model_dump(), by)
+            fresh = [i for i, (_, created) in enumerate(added) if created]
+            self._learn([(added[i][0], prepared[i]) for i in fresh], vectors[fresh])
+        self.desk.announce_resolved(escalation_id)
+        return self.escalation(escalation_id)
+
+    def approve(self, escalation_id: str, *, outcome: str = "resolved",
+                by: str | None = None) -> EscalationOut:
+        """A reviewer approved the suggested resolution and the caller executed it."""
+        rec = self.desk.check_open(escalation_id, kind="review")
+        if rec.suggested_resolution is None:
+            raise InvalidState(f"review {escalation_id} has no suggested resolution to approve; "
+                               "reject it with the right one")
+        return self.resolve(escalation_id, ResolutionIn.model_validate(rec.suggested_resolution),
+                            outcome=outcome, by=by, kind="review")
+
+    def reject(self, escalation_id: str, resolution: ResolutionIn, *,
+               outcome: str = "resolved", by: str | None = None) -> EscalationOut:
+        """A reviewer rejected the suggestion and says what is right."""
+        return self.resolve(escalation_id, resolution, outcome=outcome, by=by, kind="review")
+
+    def add_change(self, change: ChangeIn) -> str:
+        return self.store.add_change(change.service, change.summary,
+                                     change.at or datetime.now(UTC), change.author, change.ref)
+
+    def record_outcome(self, decision_id: str, body: OutcomeIn) -> OutcomeOut:
+        """What automation did with a verdict; a replayed resolution's track record learns it
+        (a rollback counts as a failure)."""
+        record = self.store.get_decision(decision_id)
+        if record is None:
+            raise DecisionNotFound(decision_id)
+        key = resolution_key(record.resolution["action"]) if record.resolution else None
+        with self._mutate:
+            self.store.add_decision_outcome(decision_id, body.outcome, key, body.note)
+            if key is not None:
+                self._count_outcome(key, "resolved" if body.outcome == "resolved" else "failed")
+        rec = self._records.get(key) if key else None
+        return OutcomeOut(
+            decision_id=decision_id, outcome=body.outcome,
+            resolution=Resolution(**record.resolution) if record.resolution else None,
+            track_record=TrackRecordOut(
+                successes=rec.successes, failures=rec.failures,
+                lower_bound=rec.lower_bound(self.policy.credibility)) if rec else None)
+
     # -- reading --------------------------------------------------------------------------------
     def decisions(self, limit: int = 50, decision: str | None = None) -> list[DecisionOut]:
         return [_decision_out(r) for r in self.store.list_decisions(limit, decision)]
@@ -361,7 +469,8 @@ class Deja:
         refs = self.scorer.references_
         return Stats(
             incidents=self.store.count_incidents(), indexed=self.scorer.incidents,
-            decisions=self.store.count_decisions(), open_escalations=0,
+            decisions=self.store.count_decisions(),
+            open_escalations=self.store.count_active_escalations(),
             policy_version=self.policy.version, model=self.model_id,
             index={"kind": "flat", "vectors": self.index.ntotal, "status": self.index_status,
                    "last_kb_id": self._last_kb_id},

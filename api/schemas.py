@@ -117,6 +117,7 @@ class Verdict(BaseModel):
     policy_version: int
     model: str
     dry_run: bool = False
+    escalation_id: str | None = None
 
 
 class BatchVerdicts(BaseModel):
@@ -195,3 +196,85 @@ class Stats(BaseModel):
     index: dict[str, Any]
     calibration: dict[str, Any]
     cache: dict[str, int]
+
+
+EscalationState = Literal["open", "acked", "resolved", "breached"]
+
+
+class EscalationOut(BaseModel):
+    id: str
+    decision_id: str
+    kind: Literal["escalate", "review"]
+    state: EscalationState
+    route: dict[str, Any]
+    due_at: datetime
+    resolve_due_at: datetime
+    events: int
+    created_at: datetime
+    acked_at: datetime | None
+    resolved_at: datetime | None
+    breached_at: datetime | None
+    breaches: int
+    service: str | None
+    briefing: dict[str, Any]
+    suggested_resolution: dict[str, Any] | None
+    resolution: dict[str, Any] | None
+    acked_by: str | None = None
+    resolved_by: str | None = None
+    deliveries: list[dict[str, Any]] | None = None
+
+
+class EscalationList(BaseModel):
+    escalations: list[EscalationOut]
+
+
+Actor = Annotated[Text, StringConstraints(min_length=1, max_length=200)]
+Note = Annotated[Text, StringConstraints(max_length=5000)]
+
+
+class AckIn(_In):
+    by: Actor | None = None
+
+
+class ResolveIn(_In):
+    resolution: ResolutionIn
+    outcome: Literal["resolved", "failed"] = "resolved"
+    note: Note | None = None
+    by: Actor | None = None
+
+
+class ApproveIn(_In):
+    outcome: Literal["resolved", "failed"] = "resolved"
+    note: Note | None = None
+    by: Actor | None = None
+
+
+class RejectIn(_In):
+    resolution: ResolutionIn
+    outcome: Literal["resolved", "failed"] = "resolved"
+    note: Note | None = None
+    by: Actor | None = None
+
+
+class ChangeIn(_In):
+    service: Annotated[Text, StringConstraints(min_length=1, max_length=200)]
+    summary: Title
+    at: datetime | None = None
+    author: ShortText | None = None
+    ref: Annotated[Text, StringConstraints(max_length=2000)] | None = None
+
+
+class ChangeOut(BaseModel):
+    id: str
+
+
+class OutcomeIn(_In):
+    outcome: Literal["resolved", "failed", "rolled_back"]
+    note: Note | None = None
+
+
+class OutcomeOut(BaseModel):
+    decision_id: str
+    outcome: str
+    resolution: Resolution | None
+    track_record: TrackRecordOut | None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -29,6 +30,16 @@ class Settings(BaseSettings):
     max_body_bytes: int = 10 * 1024 * 1024
     #: Save the index after this many new vectors (it is always saved on shutdown).
     index_save_every: int = 5000
+    #: Routing of handoffs (JSON, see ``handoff.DEFAULT_ROUTING``); None uses the default.
+    routing: dict[str, Any] | None = None
+    #: Seconds between SLA sweeps (0 disables the background sweep).
+    sweep_seconds: float = 15.0
+    #: Hours of change events a briefing looks back over.
+    changes_hours: float = 24.0
+    #: First retry delay of a webhook delivery, in seconds (doubles per attempt).
+    notify_backoff_seconds: float = 1.0
+    #: Delivery attempts per webhook notification.
+    notify_attempts: int = 5
 
 
 def get_settings(**overrides: object) -> Settings:
