@@ -6,10 +6,10 @@ never block the event loop.
 
 from __future__ import annotations
 
-import html
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Query, Request, Response
@@ -17,10 +17,15 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from api.auth import Forbidden, Principal, Unauthorized
 from api.deja import Deja
+from api.governance import Forbidden as GovernanceForbidden
+from api.governance import redact_policy
 from api.schemas import (
     AckIn,
     ApproveIn,
+    AuditList,
+    AuditOut,
     BatchCheckIn,
     BatchVerdicts,
     ChangeIn,
@@ -36,9 +41,17 @@ from api.schemas import (
     FeedbackOut,
     IncidentOut,
     IngestOut,
+    KeyCreated,
+    KeyIn,
+    KeyList,
+    KeyOut,
     NeighbourList,
     OutcomeIn,
     OutcomeOut,
+    OverrideIn,
+    PolicyIn,
+    PolicyList,
+    PolicyOut,
     RejectIn,
     ResolveIn,
     Stats,
@@ -53,6 +66,7 @@ from kb import (
     IncidentNotFound,
     InvalidInput,
     InvalidState,
+    PolicyRecord,
 )
 
 log = logging.getLogger("deja.http")
@@ -62,6 +76,9 @@ _STATUS: dict[type[DejaError], tuple[int, str]] = {
     DecisionNotFound: (404, "decision_not_found"),
     EscalationNotFound: (404, "escalation_not_found"),
     InvalidState: (409, "invalid_state"),
+    GovernanceForbidden: (403, "forbidden"),
+    Unauthorized: (401, "unauthorized"),
+    Forbidden: (403, "forbidden"),
     InvalidInput: (422, "invalid"),
     DataDirLocked: (503, "data_dir_locked"),
 }
@@ -81,6 +98,32 @@ def get_deja(request: Request) -> Deja:
 
 
 DejaDep = Annotated[Deja, Depends(get_deja)]
+
+
+def caller(request: Request, deja: DejaDep) -> Principal:
+    """The principal behind ``Authorization: Bearer KEY`` (401 without a valid key)."""
+    header = request.headers.get("authorization", "")
+    scheme, _, key = header.partition(" ")
+    if scheme.lower() != "bearer" or not key.strip():
+        raise Unauthorized("Authorization: Bearer KEY required")
+    p = deja.auth.principal(key.strip())
+    if p is None:
+        raise Unauthorized("invalid or revoked key")
+    return p
+
+
+def require(role: str) -> Callable[[Principal], Principal]:
+    def check(p: Annotated[Principal, Depends(caller)]) -> Principal:
+        if not p.has(role):
+            raise Forbidden(f"role {p.role} may not do this; it needs {role}")
+        return p
+    return check
+
+
+Viewer = Annotated[Principal, Depends(require("viewer"))]
+Operator = Annotated[Principal, Depends(require("operator"))]
+Approver = Annotated[Principal, Depends(require("approver"))]
+Admin = Annotated[Principal, Depends(require("admin"))]
 
 
 def create_app(deja: Deja | None = None, settings: Settings | None = None, *,
@@ -139,6 +182,9 @@ def _install_errors(app: FastAPI, settings: Settings) -> None:
     @app.exception_handler(DejaError)
     async def deja_error(request: Request, exc: DejaError) -> JSONResponse:
         status, code = _STATUS.get(type(exc), (400, "error"))
+        if isinstance(exc, Unauthorized):
+            return _error(status, code, str(exc), "authorization",
+                          {"WWW-Authenticate": "Bearer"})
         field = getattr(exc, "field", None)
         not_found = {IncidentNotFound: "id", DecisionNotFound: "decision_id",
                      EscalationNotFound: "escalation_id"}
@@ -167,20 +213,22 @@ def _install_routes(app: FastAPI, settings: Settings) -> None:
         return JSONResponse(body, status_code=200 if indexed == incidents else 503)
 
     @app.post("/v1/events", status_code=201)
-    def add_events(body: EventsIn, deja: DejaDep) -> IngestOut:
-        added = deja.ingest(body.events)
+    def add_events(body: EventsIn, deja: DejaDep, who: Operator) -> IngestOut:
+        added = deja.ingest(body.events, actor=who)
         return IngestOut(ids=[i for i, _ in added], created=sum(1 for _, c in added if c))
 
     @app.post("/v1/check")
-    def check(body: CheckIn, deja: DejaDep) -> Verdict:
-        return deja.check([body], dry_run=body.dry_run)[0]
+    def check(body: CheckIn, deja: DejaDep, who: Viewer) -> Verdict:
+        _may_check(who, body.dry_run)
+        return deja.check([body], dry_run=body.dry_run, actor=who)[0]
 
     @app.post("/v1/check/batch")
-    def check_batch(body: BatchCheckIn, deja: DejaDep) -> BatchVerdicts:
-        return BatchVerdicts(results=deja.check(body.events, dry_run=body.dry_run))
+    def check_batch(body: BatchCheckIn, deja: DejaDep, who: Viewer) -> BatchVerdicts:
+        _may_check(who, body.dry_run)
+        return BatchVerdicts(results=deja.check(body.events, dry_run=body.dry_run, actor=who))
 
     @app.get("/v1/similar")
-    def similar(deja: DejaDep,
+    def similar(deja: DejaDep, who: Viewer,
                 q: Annotated[str, Query(min_length=1, max_length=2000)],
                 k: Annotated[int, Query(ge=1)] = 5) -> NeighbourList:
         if k > settings.max_k:
@@ -190,96 +238,135 @@ def _install_routes(app: FastAPI, settings: Settings) -> None:
         return NeighbourList(query=q, neighbors=deja.similar(q, k))
 
     @app.post("/v1/decisions/{decision_id}/feedback", status_code=201)
-    def feedback(decision_id: str, body: FeedbackIn, deja: DejaDep) -> FeedbackOut:
-        return deja.feedback(decision_id, body)
+    def feedback(decision_id: str, body: FeedbackIn, deja: DejaDep, who: Operator
+                 ) -> FeedbackOut:
+        return deja.feedback(decision_id, body, actor=who)
 
     @app.post("/v1/decisions/{decision_id}/outcome", status_code=201)
-    def outcome(decision_id: str, body: OutcomeIn, deja: DejaDep) -> OutcomeOut:
-        return deja.record_outcome(decision_id, body)
+    def outcome(decision_id: str, body: OutcomeIn, deja: DejaDep, who: Operator) -> OutcomeOut:
+        return deja.record_outcome(decision_id, body, actor=who)
 
     @app.get("/v1/escalations")
-    def escalations(deja: DejaDep, state: EscalationState | None = None,
+    def escalations(deja: DejaDep, who: Viewer, state: EscalationState | None = None,
                     limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> EscalationList:
         return EscalationList(escalations=deja.escalations(state, limit))
 
     @app.get("/v1/escalations/{escalation_id}")
-    def escalation(escalation_id: str, deja: DejaDep) -> EscalationOut:
+    def escalation(escalation_id: str, deja: DejaDep, who: Viewer) -> EscalationOut:
         return deja.escalation(escalation_id)
 
     @app.post("/v1/escalations/{escalation_id}/ack")
-    def ack(escalation_id: str, deja: DejaDep, body: AckIn | None = None) -> EscalationOut:
-        return deja.ack(escalation_id, body.by if body else None)
+    def ack(escalation_id: str, deja: DejaDep, who: Operator, body: AckIn | None = None
+            ) -> EscalationOut:
+        return deja.ack(escalation_id, body.by if body else None, actor=who)
 
     @app.post("/v1/escalations/{escalation_id}/resolve")
-    def resolve(escalation_id: str, body: ResolveIn, deja: DejaDep) -> EscalationOut:
-        return deja.resolve(escalation_id, body.resolution, outcome=body.outcome, by=body.by)
+    def resolve(escalation_id: str, body: ResolveIn, deja: DejaDep, who: Operator
+                ) -> EscalationOut:
+        return deja.resolve(escalation_id, body.resolution, outcome=body.outcome, by=body.by,
+                            actor=who)
 
     @app.post("/v1/escalations/{escalation_id}/approve")
-    def approve(escalation_id: str, deja: DejaDep, body: ApproveIn | None = None
-                ) -> EscalationOut:
+    def approve(escalation_id: str, deja: DejaDep, who: Approver,
+                body: ApproveIn | None = None) -> EscalationOut:
         body = body or ApproveIn()
-        return deja.approve(escalation_id, outcome=body.outcome, by=body.by)
+        return deja.approve(escalation_id, outcome=body.outcome, by=body.by, actor=who)
 
     @app.post("/v1/escalations/{escalation_id}/reject")
-    def reject(escalation_id: str, body: RejectIn, deja: DejaDep) -> EscalationOut:
-        return deja.reject(escalation_id, body.resolution, outcome=body.outcome, by=body.by)
+    def reject(escalation_id: str, body: RejectIn, deja: DejaDep, who: Approver
+               ) -> EscalationOut:
+        return deja.reject(escalation_id, body.resolution, outcome=body.outcome, by=body.by,
+                           actor=who)
 
     @app.post("/v1/changes", status_code=201)
-    def change(body: ChangeIn, deja: DejaDep) -> ChangeOut:
-        return ChangeOut(id=deja.add_change(body))
+    def change(body: ChangeIn, deja: DejaDep, who: Operator) -> ChangeOut:
+        return ChangeOut(id=deja.add_change(body, actor=who))
 
     @app.get("/v1/decisions")
-    def decisions(deja: DejaDep, limit: Annotated[int, Query(ge=1, le=1000)] = 50,
+    def decisions(deja: DejaDep, who: Viewer, limit: Annotated[int, Query(ge=1, le=1000)] = 50,
                   decision: DecisionKind | None = None) -> DecisionList:
         return DecisionList(decisions=deja.decisions(limit, decision))
 
     @app.get("/v1/incidents/{incident_id}")
-    def incident(incident_id: str, deja: DejaDep) -> IncidentOut:
+    def incident(incident_id: str, deja: DejaDep, who: Viewer) -> IncidentOut:
         return deja.incident(incident_id)
 
     @app.get("/v1/stats")
-    def stats(deja: DejaDep) -> Stats:
+    def stats(deja: DejaDep, who: Viewer) -> Stats:
         return deja.stats()
 
     @app.get("/v1/policies/active")
-    def active_policy(deja: DejaDep) -> dict[str, Any]:
-        return deja.policy.as_dict()
+    def active_policy(deja: DejaDep, who: Viewer) -> PolicyOut:
+        return _policy_out(deja.policy_record(deja.policy.version))
+
+    @app.get("/v1/policies")
+    def policies(deja: DejaDep, who: Viewer) -> PolicyList:
+        return PolicyList(policies=[_policy_out(p) for p in deja.policies()])
+
+    @app.get("/v1/policies/{version}")
+    def policy(version: int, deja: DejaDep, who: Viewer) -> PolicyOut:
+        return _policy_out(deja.policy_record(version))
+
+    @app.post("/v1/policies", status_code=201)
+    def propose(body: PolicyIn, deja: DejaDep, who: Admin) -> PolicyOut:
+        changes = body.model_dump(exclude_unset=True, exclude={"note"})
+        return _policy_out(deja.propose_policy(changes, note=body.note, actor=who))
+
+    @app.post("/v1/policies/{version}/activate")
+    def activate(version: int, deja: DejaDep, who: Approver) -> PolicyOut:
+        return _policy_out(deja.activate_policy(version, actor=who))
+
+    @app.post("/v1/policies/{version}/backtest")
+    def backtest(version: int, deja: DejaDep, who: Viewer) -> dict[str, Any]:
+        return deja.backtest(version)
+
+    @app.post("/v1/decisions/{decision_id}/override")
+    def override(decision_id: str, body: OverrideIn, deja: DejaDep, who: Operator) -> Verdict:
+        return deja.override(decision_id, body.decision, body.note, actor=who)
+
+    @app.get("/v1/audit")
+    def audit(deja: DejaDep, who: Viewer, limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+              action: Annotated[str | None, Query(max_length=100)] = None) -> AuditList:
+        return AuditList(entries=[AuditOut(
+            id=e.audit_id, at=e.at, actor=e.actor, role=e.role, action=e.action,
+            target=e.target, detail=e.detail) for e in deja.audit_log(limit, action)])
+
+    @app.post("/v1/keys", status_code=201)
+    def create_key(body: KeyIn, deja: DejaDep, who: Admin) -> KeyCreated:
+        key_id, key = deja.create_key(body.name, body.role, actor=who)
+        return KeyCreated(id=key_id, name=body.name, role=body.role, key=key)
+
+    @app.get("/v1/keys")
+    def list_keys(deja: DejaDep, who: Admin) -> KeyList:
+        return KeyList(keys=[KeyOut(id=k.key_id, name=k.name, role=k.role,
+                                    created_at=k.created_at, revoked_at=k.revoked_at)
+                             for k in deja.list_keys()])
+
+    @app.post("/v1/keys/{key_id}/revoke")
+    def revoke_key(key_id: str, deja: DejaDep, who: Admin) -> dict[str, bool]:
+        if not deja.revoke_key(key_id, actor=who):
+            raise InvalidInput(f"no active key {key_id}", "key_id")
+        return {"revoked": True}
 
     @app.get("/", response_class=HTMLResponse)
-    def page(deja: DejaDep, q: str | None = None) -> HTMLResponse:
-        return HTMLResponse(_page(deja, q))
+    def page() -> HTMLResponse:
+        # A static shell: it holds no data and calls the API with the key the user enters.
+        return HTMLResponse(_PAGE)
 
 
-_CSS = """body{font-family:system-ui,sans-serif;margin:2rem;color:#222}
-table{border-collapse:collapse;width:100%}
-td,th{border-bottom:1px solid #ddd;padding:.35rem .5rem;text-align:left;font-size:.9rem;
-vertical-align:top}.replay{color:#17803d}.review{color:#b26b00}.escalate{color:#c0262d}
-input[type=text]{width:32rem;padding:.3rem}.muted{color:#777}"""
+def _may_check(who: Principal, dry_run: bool) -> None:
+    # Viewers may look (dry runs write nothing); acting on a verdict needs an operator.
+    if not dry_run and not who.has("operator"):
+        raise Forbidden(f"role {who.role} may only make dry-run checks; it needs operator")
 
 
-def _page(deja: Deja, q: str | None) -> str:
-    e = html.escape
-    stats = deja.stats()
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>Deja</title>"
-             f"<style>{_CSS}</style></head><body><h1>Deja</h1>",
-             f"<p class='muted'>{stats.incidents} incidents, {stats.decisions} decisions, policy "
-             f"v{stats.policy_version}, model {e(stats.model)}</p>",
-             "<form method='get' action='/'><label>Have we seen this before? "
-             f"<input type='text' name='q' value='{e(q or '')}'></label> "
-             "<button>Search</button></form>"]
-    if q and q.strip() and "\x00" not in q:
-        rows = "".join(
-            f"<tr><td>{n.similarity:.3f}</td><td>{e(n.title)}</td><td>{e(n.service or '')}</td>"
-            f"<td>{e(n.resolution.action if n.resolution else '')}</td></tr>"
-            for n in deja.similar(q[:2000], 10))
-        parts.append("<h2>Similar incidents</h2><table><tr><th>similarity</th><th>title</th>"
-                     f"<th>service</th><th>resolution</th></tr>{rows}</table>")
-    rows = "".join(
-        f"<tr><td>{e(str(d.created_at)[:19])}</td><td class='{d.decision}'>{d.decision}</td>"
-        f"<td>{d.score:.3f}</td><td>{d.confidence:.2f}</td>"
-        f"<td>{e(str(d.event.get('title', '')))}</td><td>{e('; '.join(d.reasons))}</td></tr>"
-        for d in deja.decisions(50))
-    parts.append("<h2>Recent decisions</h2><table><tr><th>time</th><th>decision</th>"
-                 "<th>novelty</th><th>confidence</th><th>event</th><th>reasons</th></tr>"
-                 f"{rows}</table></body></html>")
-    return "".join(parts)
+def _policy_out(rec: PolicyRecord) -> PolicyOut:
+    # The policy's own fields at the top level, with its version's bookkeeping beside them.
+    return PolicyOut.model_validate({
+        **redact_policy(rec.body), "version": rec.version, "state": rec.state,
+        "origin": rec.origin, "note": rec.note, "proposed_by": rec.proposed_by,
+        "proposed_at": rec.proposed_at, "activated_by": rec.activated_by,
+        "activated_at": rec.activated_at})
+
+
+_PAGE = (Path(__file__).parent / "web" / "index.html").read_text(encoding="utf-8")

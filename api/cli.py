@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from collections.abc import Iterator
@@ -13,7 +14,7 @@ from pydantic import ValidationError
 
 from api.schemas import EventIn
 from api.settings import Settings
-from kb import DataDirLocked
+from kb import DataDirLocked, DejaError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Deja: have we seen this before? Novelty checks for operations events.")
@@ -142,8 +143,72 @@ def demo(data_dir: DataDir = Path("data/demo"),
         events = [EventIn.model_validate(e) for e in demo_kb(seed)]
         created = sum(1 for _, c in deja.ingest(events) if c)
         typer.echo(f"demo knowledge base: {created} incidents in {data_dir}")
+        if deja.bootstrap_key:
+            typer.echo(f"admin key (also in {data_dir / 'admin.key'}): {deja.bootstrap_key}")
     finally:
         deja.close()
+
+
+keys_app = typer.Typer(help="API keys: create, list, revoke.", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+
+
+@keys_app.command("create")
+def keys_create(name: Annotated[str, typer.Option(help="Who or what uses the key.")],
+                role: Annotated[str, typer.Option(
+                    help="viewer | operator | approver | admin")] = "operator",
+                data_dir: DataDir = Path("data/demo")) -> None:
+    """Create a key and print it (only its hash is stored: this is the one time it is shown)."""
+    deja = _open(data_dir)
+    try:
+        key_id, key = deja.create_key(name, role)
+    except DejaError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from exc
+    finally:
+        deja.close()
+    typer.echo(f"{key_id} {role} {name}\n{key}")
+
+
+@keys_app.command("list")
+def keys_list(data_dir: DataDir = Path("data/demo")) -> None:
+    """List keys (never the keys themselves)."""
+    deja = _open(data_dir)
+    try:
+        for k in deja.list_keys():
+            state = f"revoked {k.revoked_at:%Y-%m-%d}" if k.revoked_at else "active"
+            typer.echo(f"{k.key_id}  {k.role:<8}  {state:<18}  {k.name}")
+    finally:
+        deja.close()
+
+
+@keys_app.command("revoke")
+def keys_revoke(key_id: str, data_dir: DataDir = Path("data/demo")) -> None:
+    """Revoke a key at once."""
+    deja = _open(data_dir)
+    try:
+        done = deja.revoke_key(key_id)
+    finally:
+        deja.close()
+    if not done:
+        typer.echo(f"error: no active key {key_id}", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"revoked {key_id}")
+
+
+@app.command()
+def backtest(version: Annotated[int, typer.Option(help="Policy version to try.")],
+             data_dir: DataDir = Path("data/demo")) -> None:
+    """Replay stored verdicts under a policy version, beside the active one (JSON)."""
+    deja = _open(data_dir)
+    try:
+        report = deja.backtest(version)
+    except DejaError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from exc
+    finally:
+        deja.close()
+    typer.echo(json.dumps(report, indent=2, default=str))
 
 
 def main() -> None:

@@ -6,6 +6,7 @@ The HTTP app, the CLI and the notebooks all use :class:`Deja`; nothing else hold
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import uuid
 from collections.abc import Iterable, Sequence
@@ -16,7 +17,9 @@ from typing import Any
 
 import numpy as np
 
+from api.auth import SYSTEM, Authenticator, Principal
 from api.escalations import EscalationDesk
+from api.governance import Governance
 from api.schemas import (
     ChangeIn,
     DecisionOut,
@@ -43,6 +46,7 @@ from kb import (
     Incident,
     InvalidState,
     NewIncident,
+    PolicyRecord,
     Store,
     kb_ref,
 )
@@ -55,8 +59,10 @@ from novelty import (
     Query,
     TrackRecord,
     VectorIndex,
+    parse_policy,
     resolution_key,
 )
+from novelty.backtest import evidence_of
 from novelty.scorer import Neighbour as ScoredNeighbour
 
 __all__ = ["Deja"]
@@ -86,7 +92,7 @@ def _prepare(events: Iterable[EventIn]) -> list[_Prepared]:
     return out
 
 
-class Deja:
+class Deja(Governance):
     """Knowledge base + novelty service. Open with :meth:`open`; close when done.
 
     Thread-safe: checks run concurrently; ingest, feedback and refits are serialised.
@@ -100,7 +106,10 @@ class Deja:
         self.cache = CachedEncoder(encoder, store)
         self.index = VectorIndex(encoder.dim)
         self.scorer = NoveltyScorer(self.index, candidates=settings.candidates)
-        self.policy = Policy(version=1, alpha=settings.alpha)
+        self.policy = Policy(version=1, alpha=settings.alpha, routing=settings.routing)
+        self.auth = Authenticator(store)
+        #: The admin key created on this data dir's first start (None afterwards).
+        self.bootstrap_key: str | None = None
         self.index_status = "new"
         self._mutate = threading.RLock()
         self._last_kb_id = 0
@@ -131,6 +140,7 @@ class Deja:
             enc = encoder or SentenceTransformerEncoder(settings.model)
             deja = cls(store, enc, settings, path)
             try:
+                deja._govern()
                 deja._load()
             except BaseException:
                 deja.desk.close()
@@ -158,6 +168,36 @@ class Deja:
 
     def _index_path(self) -> Path | None:
         return self.data_dir / INDEX_FILE if self.data_dir is not None else None
+
+    def _govern(self) -> None:
+        """First start: the default policy becomes version 1 and an admin key is created,
+        written to ``DIR/admin.key`` (0600) and logged once. Later starts load the active
+        policy."""
+        active = self.store.active_policy()
+        if active is None:
+            version = self.store.add_policy(_policy_body(self.policy), state="active",
+                                            origin="default", proposed_by=SYSTEM.actor,
+                                            note="defaults at first start")
+            active = self.store.get_policy(version)
+        assert active is not None
+        self._activate(active)
+        if self.store.count_keys() == 0:
+            key_id, key = self.store.create_key("admin", "admin", created_by=SYSTEM.actor)
+            self.bootstrap_key = key
+            self.store.audit(SYSTEM.actor, SYSTEM.role, "key.create", key_id,
+                             {"name": "admin", "role": "admin", "bootstrap": True})
+            if self.data_dir is not None:
+                path = self.data_dir / "admin.key"
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                with os.fdopen(fd, "w") as fh:
+                    fh.write(key + "\n")
+                log.warning("created the admin key (shown once; also in %s): %s", path, key)
+
+    def _activate(self, record: PolicyRecord) -> None:
+        policy = parse_policy(record.body, record.version)
+        # Swapped as one reference: a check that already read self.policy finishes under it.
+        self.policy = policy
+        self.desk.use_routing(policy.routing)
 
     def _load(self) -> None:
         path = self._index_path()
@@ -238,14 +278,19 @@ class Deja:
             return self.index.ntotal
 
     # -- the KB ---------------------------------------------------------------------------------
-    def ingest(self, events: Sequence[EventIn]) -> list[tuple[str, bool]]:
+    def ingest(self, events: Sequence[EventIn], *, actor: Principal = SYSTEM
+               ) -> list[tuple[str, bool]]:
         """Add past incidents; they are searchable when this returns. ``(id, created)`` each."""
         prepared = _prepare(events)
         # Embed before writing: a model failure then leaves nothing half-written.
         vectors = self.cache.embed([p.fingerprint for p in prepared],
                                    [p.masked for p in prepared])
         with self._mutate:
-            added = self.store.add_incidents([_new_incident(p, "ingest") for p in prepared])
+            with self.store.transaction():
+                added = self.store.add_incidents([_new_incident(p, "ingest") for p in prepared])
+                self.store.audit(actor.actor, actor.role, "ingest", None,
+                                 {"events": len(prepared),
+                                  "created": sum(1 for _, c in added if c)})
             fresh = [i for i, (_, created) in enumerate(added) if created]
             self._learn([(added[i][0], prepared[i]) for i in fresh], vectors[fresh])
         return [(p.event.id or kb_ref(kb_id), created)
@@ -292,21 +337,24 @@ class Deja:
                 lower_bound=record.lower_bound(self.policy.credibility)) if record else None)
 
     # -- checks ---------------------------------------------------------------------------------
-    def check(self, events: Sequence[EventIn], *, dry_run: bool = False) -> list[Verdict]:
+    def check(self, events: Sequence[EventIn], *, dry_run: bool = False,
+              actor: Principal = SYSTEM) -> list[Verdict]:
         """Score and decide each event; unless ``dry_run``, audit each verdict before returning."""
         policy = self.policy  # one policy for the whole call, whatever happens meanwhile
         prepared = _prepare(events)
         vectors = self.cache.embed([p.fingerprint for p in prepared], [p.masked for p in prepared])
         queries = [Query(v, p.fingerprint, p.masked, p.service)
                    for v, p in zip(vectors, prepared, strict=True)]
-        results = self.scorer.score(queries, alpha=policy.alpha, k=max(policy.neighbours, 5))
+        results = self.scorer.score(queries, alpha=policy.alpha_for,
+                                    k=max(policy.neighbours, 5), floor=policy.threshold_floor)
         shown = self._display([r.neighbours for r in results])
         verdicts: list[Verdict] = []
         records: list[DecisionRecord] = []
         pending: list[tuple[Verdict, _Prepared]] = []
         for p, res, neighbours in zip(prepared, results, shown, strict=True):
-            automatable = {k: bool(v.get("automatable", True))
-                           for k, v in self._resolutions.items()}
+            keys = {k for n in res.neighbours for k, _ in n.resolutions}
+            automatable = {k: bool(self._resolutions.get(k, {}).get("automatable", True))
+                           for k in keys}
             d = policy.decide(res, service=p.service, severity=p.event.severity,
                               records=self._records, automatable=automatable)
             resolution = self._resolutions.get(d.resolution_key) if d.resolution_key else None
@@ -330,7 +378,9 @@ class Deja:
                     neighbor_ids=[n.kb_ids[0] for n in res.neighbours],
                     neighbor_similarities=[n.similarity for n in res.neighbours],
                     reasons=d.reasons, resolution=resolution, policy_version=policy.version,
-                    model_id=self.model_id))
+                    model_id=self.model_id, actor=actor.actor,
+                    evidence=evidence_of(res, service=p.service, severity=p.event.severity,
+                                         records=self._records, automatable=automatable)))
         # The audit rows and the handoffs they open commit together, before the answer.
         opened: list[str] = []
         with self.store.transaction():
@@ -361,7 +411,8 @@ class Deja:
                  if _representative(n) in incidents] for ns in lists]
 
     # -- learning -------------------------------------------------------------------------------
-    def feedback(self, decision_id: str, fb: FeedbackIn) -> FeedbackOut:
+    def feedback(self, decision_id: str, fb: FeedbackIn, *, actor: Principal = SYSTEM
+                 ) -> FeedbackOut:
         """Record feedback; a resolution makes the event a KB incident, indexed before returning."""
         record = self.store.get_decision(decision_id)
         if record is None:
@@ -379,14 +430,21 @@ class Deja:
         with self._mutate:
             vectors = (self.cache.embed([prepared.fingerprint], [prepared.masked])
                        if prepared is not None else None)
-            feedback_id, kb_id, created = self.store.add_feedback(
-                decision_id, correct=fb.correct, novel=fb.novel,
-                resolution=fb.resolution.model_dump() if fb.resolution else None,
-                resolution_key=applied_key, outcome=fb.outcome, note=fb.note, incident=incident)
+            with self.store.transaction():
+                feedback_id, kb_id, created = self.store.add_feedback(
+                    decision_id, correct=fb.correct, novel=fb.novel,
+                    resolution=fb.resolution.model_dump() if fb.resolution else None,
+                    resolution_key=applied_key, outcome=fb.outcome, note=fb.note,
+                    incident=incident)
+                self.store.audit(actor.actor, actor.role, "feedback", decision_id,
+                                 {"correct": fb.correct, "novel": fb.novel,
+                                  "resolution": fb.resolution is not None,
+                                  "outcome": fb.outcome})
             if prepared is not None and kb_id is not None and vectors is not None and created:
                 self._learn([(kb_id, prepared)], vectors)
             elif applied_key is not None and fb.outcome is not None:
                 self._count_outcome(applied_key, fb.outcome)
+        self._learn_from_feedback(record.service)
         return FeedbackOut(feedback_id=feedback_id, decision_id=decision_id,
                            incident=(prepared.event.id or kb_ref(kb_id))
                            if prepared is not None and kb_id is not None else None)
@@ -398,11 +456,15 @@ class Deja:
     def escalation(self, escalation_id: str) -> EscalationOut:
         return self.desk.out(self.desk.get(escalation_id), deliveries=True)
 
-    def ack(self, escalation_id: str, by: str | None = None) -> EscalationOut:
-        return self.desk.out(self.desk.ack(escalation_id, by))
+    def ack(self, escalation_id: str, by: str | None = None, *, actor: Principal = SYSTEM
+            ) -> EscalationOut:
+        rec = self.desk.ack(escalation_id, by or actor.actor)
+        self.store.audit(actor.actor, actor.role, "escalation.ack", escalation_id)
+        return self.desk.out(rec)
 
     def resolve(self, escalation_id: str, resolution: ResolutionIn, *, outcome: str = "resolved",
-                by: str | None = None, kind: str | None = None) -> EscalationOut:
+                by: str | None = None, kind: str | None = None, actor: Principal = SYSTEM,
+                action: str = "escalation.resolve") -> EscalationOut:
         """Close a handoff with what fixed it: every grouped event becomes a KB incident with
         that resolution, indexed before this returns."""
         with self._mutate:
@@ -417,32 +479,44 @@ class Deja:
                 added = self.store.add_incidents(
                     [_new_incident(p, "escalation", decision_id=escalation_id)
                      for p in prepared])
-                self.desk.finish(escalation_id, resolution.model_dump(), by)
+                self.desk.finish(escalation_id, resolution.model_dump(), by or actor.actor)
+                self.store.audit(actor.actor, actor.role, action, escalation_id,
+                                 {"resolution": resolution.action, "outcome": outcome,
+                                  "incidents": sum(1 for _, c in added if c)})
             fresh = [i for i, (_, created) in enumerate(added) if created]
             self._learn([(added[i][0], prepared[i]) for i in fresh], vectors[fresh])
         self.desk.announce_resolved(escalation_id)
         return self.escalation(escalation_id)
 
     def approve(self, escalation_id: str, *, outcome: str = "resolved",
-                by: str | None = None) -> EscalationOut:
+                by: str | None = None, actor: Principal = SYSTEM) -> EscalationOut:
         """A reviewer approved the suggested resolution and the caller executed it."""
         rec = self.desk.check_open(escalation_id, kind="review")
         if rec.suggested_resolution is None:
             raise InvalidState(f"review {escalation_id} has no suggested resolution to approve; "
                                "reject it with the right one")
         return self.resolve(escalation_id, ResolutionIn.model_validate(rec.suggested_resolution),
-                            outcome=outcome, by=by, kind="review")
+                            outcome=outcome, by=by, kind="review", actor=actor,
+                            action="review.approve")
 
     def reject(self, escalation_id: str, resolution: ResolutionIn, *,
-               outcome: str = "resolved", by: str | None = None) -> EscalationOut:
+               outcome: str = "resolved", by: str | None = None,
+               actor: Principal = SYSTEM) -> EscalationOut:
         """A reviewer rejected the suggestion and says what is right."""
-        return self.resolve(escalation_id, resolution, outcome=outcome, by=by, kind="review")
+        return self.resolve(escalation_id, resolution, outcome=outcome, by=by, kind="review",
+                            actor=actor, action="review.reject")
 
-    def add_change(self, change: ChangeIn) -> str:
-        return self.store.add_change(change.service, change.summary,
-                                     change.at or datetime.now(UTC), change.author, change.ref)
+    def add_change(self, change: ChangeIn, *, actor: Principal = SYSTEM) -> str:
+        with self.store.transaction():
+            change_id = self.store.add_change(change.service, change.summary,
+                                              change.at or datetime.now(UTC), change.author,
+                                              change.ref)
+            self.store.audit(actor.actor, actor.role, "change", change_id,
+                             {"service": change.service, "summary": change.summary[:200]})
+        return change_id
 
-    def record_outcome(self, decision_id: str, body: OutcomeIn) -> OutcomeOut:
+    def record_outcome(self, decision_id: str, body: OutcomeIn, *, actor: Principal = SYSTEM
+                       ) -> OutcomeOut:
         """What automation did with a verdict; a replayed resolution's track record learns it
         (a rollback counts as a failure)."""
         record = self.store.get_decision(decision_id)
@@ -450,7 +524,10 @@ class Deja:
             raise DecisionNotFound(decision_id)
         key = resolution_key(record.resolution["action"]) if record.resolution else None
         with self._mutate:
-            self.store.add_decision_outcome(decision_id, body.outcome, key, body.note)
+            with self.store.transaction():
+                self.store.add_decision_outcome(decision_id, body.outcome, key, body.note)
+                self.store.audit(actor.actor, actor.role, "decision.outcome", decision_id,
+                                 {"outcome": body.outcome})
             if key is not None:
                 self._count_outcome(key, "resolved" if body.outcome == "resolved" else "failed")
         rec = self._records.get(key) if key else None
@@ -480,6 +557,12 @@ class Deja:
                          "references": {k: len(v) for k, v in refs.items()},
                          "fitted_groups": self.scorer.fitted_groups_},
             cache=self.cache.stats.as_dict())
+
+
+def _policy_body(policy: Policy) -> dict[str, Any]:
+    body = policy.as_dict()
+    body.pop("version", None)
+    return body
 
 
 def _item(row: tuple[int, str, str, str | None, str | None]) -> Item:

@@ -64,6 +64,10 @@ class EscalationDesk:
                                             daemon=True)
             self._thread.start()
 
+    def use_routing(self, routing: Mapping[str, Any] | None) -> None:
+        """Route new handoffs by another policy's routing (open ones keep their route)."""
+        self.router = Router.from_config(routing or DEFAULT_ROUTING)
+
     def close(self) -> None:
         self._stop.set()
         if self._thread is not None:

@@ -278,3 +278,87 @@ class OutcomeOut(BaseModel):
     outcome: str
     resolution: Resolution | None
     track_record: TrackRecordOut | None
+
+
+class PolicyIn(_In):
+    """Changes to the active policy; fields left out keep their active values."""
+
+    alpha: Annotated[float, Field(gt=0, lt=1)] | None = None
+    service_alpha: dict[ShortText, Annotated[float, Field(gt=0, lt=1)]] | None = None
+    service_threshold: dict[ShortText, Annotated[float, Field(ge=0, le=4)]] | None = None
+    max_threshold: Annotated[float, Field(gt=0, le=4)] | None = None
+    alpha_bounds: tuple[Annotated[float, Field(gt=0, lt=1)],
+                        Annotated[float, Field(gt=0, lt=1)]] | None = None
+    weak_match_factor: Annotated[float, Field(ge=0)] | None = None
+    min_agreement: Annotated[float, Field(ge=0, le=1)] | None = None
+    min_success: Annotated[float, Field(ge=0, le=1)] | None = None
+    credibility: Annotated[float, Field(ge=0, le=1)] | None = None
+    automate_services: list[ShortText] | None = None
+    automate_severities: list[Severity] | None = None
+    neighbours: Annotated[int, Field(ge=1, le=50)] | None = None
+    learn_min_feedback: Annotated[int, Field(ge=1)] | None = None
+    routing: dict[str, Any] | None = None
+    note: Annotated[Text, StringConstraints(max_length=2000)] | None = None
+
+
+class PolicyOut(BaseModel):
+    """A policy version: its fields (alpha, service_alpha, routing, …) plus bookkeeping."""
+
+    model_config = ConfigDict(extra="allow")
+
+    version: int
+    state: str
+    origin: str
+    note: str | None
+    proposed_by: str
+    proposed_at: datetime
+    activated_by: str | None
+    activated_at: datetime | None
+    alpha: float
+
+
+class PolicyList(BaseModel):
+    policies: list[PolicyOut]
+
+
+class OverrideIn(_In):
+    decision: DecisionKind
+    note: Note | None = None
+
+
+class AuditOut(BaseModel):
+    id: int
+    at: datetime
+    actor: str
+    role: str
+    action: str
+    target: str | None
+    detail: dict[str, Any] | None
+
+
+class AuditList(BaseModel):
+    entries: list[AuditOut]
+
+
+class KeyIn(_In):
+    name: Annotated[Text, StringConstraints(min_length=1, max_length=200)]
+    role: Literal["viewer", "operator", "approver", "admin"]
+
+
+class KeyOut(BaseModel):
+    id: str
+    name: str
+    role: str
+    created_at: datetime
+    revoked_at: datetime | None
+
+
+class KeyCreated(BaseModel):
+    id: str
+    name: str
+    role: str
+    key: str
+
+
+class KeyList(BaseModel):
+    keys: list[KeyOut]

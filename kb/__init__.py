@@ -10,9 +10,13 @@ from kb.errors import (
     InvalidState,
 )
 from kb.escalations import Change, EscalationRecord
+from kb.governance import ROLES, ApiKey, AuditEntry, PolicyRecord, hash_key
 from kb.store import DecisionRecord, Incident, NewIncident, Store, kb_ref, parse_kb_ref
 
 __all__ = [
+    "ROLES",
+    "ApiKey",
+    "AuditEntry",
     "Change",
     "DataDirLocked",
     "DecisionNotFound",
@@ -25,7 +29,9 @@ __all__ = [
     "InvalidInput",
     "InvalidState",
     "NewIncident",
+    "PolicyRecord",
     "Store",
+    "hash_key",
     "kb_ref",
     "parse_kb_ref",
 ]

@@ -153,6 +153,44 @@ def _handoff(con: duckdb.DuckDBPyConnection) -> None:
     """)
 
 
+@migration(3, "governance: api keys, versioned policies, audit log, decision evidence")
+def _governance(con: duckdb.DuckDBPyConnection) -> None:
+    con.execute("""
+        CREATE TABLE api_keys (
+            key_id VARCHAR PRIMARY KEY,
+            name VARCHAR NOT NULL,
+            role VARCHAR NOT NULL,
+            key_hash VARCHAR NOT NULL UNIQUE,
+            created_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+            created_by VARCHAR,
+            revoked_at TIMESTAMPTZ
+        );
+        CREATE TABLE policies (
+            version INTEGER PRIMARY KEY,
+            body JSON NOT NULL,
+            state VARCHAR NOT NULL,
+            origin VARCHAR NOT NULL,
+            note VARCHAR,
+            proposed_by VARCHAR NOT NULL,
+            proposed_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+            activated_by VARCHAR,
+            activated_at TIMESTAMPTZ
+        );
+        CREATE SEQUENCE audit_seq START 1;
+        CREATE TABLE audit (
+            audit_id BIGINT PRIMARY KEY DEFAULT nextval('audit_seq'),
+            logged_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+            actor VARCHAR NOT NULL,
+            role VARCHAR NOT NULL,
+            action VARCHAR NOT NULL,
+            target VARCHAR,
+            detail JSON
+        );
+        ALTER TABLE decisions ADD COLUMN evidence JSON;
+        ALTER TABLE decisions ADD COLUMN actor VARCHAR;
+    """)
+
+
 def migrate(con: duckdb.DuckDBPyConnection) -> list[int]:
     """Apply every migration not yet recorded, each in its own transaction; return those applied."""
     con.execute("""CREATE TABLE IF NOT EXISTS schema_migrations (

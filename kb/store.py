@@ -23,6 +23,7 @@ import numpy.typing as npt
 
 from kb.errors import DataDirLocked, IncidentNotFound
 from kb.escalations import EscalationStore
+from kb.governance import GovernanceStore
 from kb.migrations import migrate
 
 __all__ = ["DecisionRecord", "Incident", "NewIncident", "Store"]
@@ -98,6 +99,8 @@ class DecisionRecord:
     policy_version: int
     model_id: str
     created_at: datetime | None = None
+    actor: str | None = None
+    evidence: dict[str, Any] | None = None
 
 
 def kb_ref(kb_id: int) -> str:
@@ -115,7 +118,7 @@ _INCIDENT_COLS = ("kb_id, client_id, title, text, service, severity, source, lab
 _DECISION_COLS = ("decision_id, event, fingerprint, service, severity, decision, score, "
                   "is_novel, threshold, confidence, components, neighbor_ids, "
                   "neighbor_similarities, reasons, resolution, policy_version, model_id, "
-                  "created_at")
+                  "created_at, actor, evidence")
 
 
 def _loads(value: Any) -> Any:
@@ -136,10 +139,11 @@ def _decision(row: tuple[Any, ...]) -> DecisionRecord:
         severity=row[4], decision=row[5], score=row[6], is_novel=row[7], threshold=row[8],
         confidence=row[9], components=_loads(row[10]), neighbor_ids=_loads(row[11]),
         neighbor_similarities=_loads(row[12]), reasons=_loads(row[13]),
-        resolution=_loads(row[14]), policy_version=row[15], model_id=row[16], created_at=row[17])
+        resolution=_loads(row[14]), policy_version=row[15], model_id=row[16], created_at=row[17],
+        actor=row[18], evidence=_loads(row[19]))
 
 
-class Store(EscalationStore):
+class Store(EscalationStore, GovernanceStore):
     """DuckDB-backed knowledge base. ``Store(":memory:")`` for tests, ``Store(path)`` to persist."""
 
     def __init__(self, path: str | Path = ":memory:") -> None:
@@ -342,7 +346,7 @@ class Store(EscalationStore):
     def add_decisions(self, records: Sequence[DecisionRecord]) -> None:
         if not records:
             return
-        cols: list[list[Any]] = [[] for _ in range(18)]
+        cols: list[list[Any]] = [[] for _ in range(20)]
         # One timestamp per record, a microsecond apart, keeps "newest first" in batch order.
         base = datetime.now(UTC)
         for i, r in enumerate(records):
@@ -351,7 +355,8 @@ class Store(EscalationStore):
                       json.dumps(r.components), json.dumps(r.neighbor_ids),
                       json.dumps(r.neighbor_similarities), json.dumps(r.reasons),
                       json.dumps(r.resolution) if r.resolution is not None else None,
-                      r.policy_version, r.model_id, base + timedelta(microseconds=i))
+                      r.policy_version, r.model_id, base + timedelta(microseconds=i), r.actor,
+                      json.dumps(r.evidence) if r.evidence is not None else None)
             for col, value in zip(cols, values, strict=True):
                 col.append(value)
         with self.transaction() as cur:
@@ -359,10 +364,10 @@ class Store(EscalationStore):
                 "INSERT INTO decisions (decision_id, event, fingerprint, service, severity, "
                 "decision, score, is_novel, threshold, confidence, components, neighbor_ids, "
                 "neighbor_similarities, reasons, resolution, policy_version, model_id, "
-                "created_at) SELECT "
+                "created_at, actor, evidence) SELECT "
                 + ", ".join(
-                    f"unnest(${i + 1})" + ("::JSON" if i in (1, 10, 11, 12, 13, 14) else "")
-                    for i in range(18)), cols)
+                    f"unnest(${i + 1})" + ("::JSON" if i in (1, 10, 11, 12, 13, 14, 19) else "")
+                    for i in range(20)), cols)
 
     def get_decision(self, decision_id: str) -> DecisionRecord | None:
         row = self._cur().execute(f"SELECT {_DECISION_COLS} FROM decisions WHERE decision_id = ?",

@@ -75,12 +75,50 @@ class Policy:
     automate_services: tuple[str, ...] = ("*",)
     automate_severities: tuple[str, ...] = ("info", "warning", "error")
     neighbours: int = 5
+    service_alpha: Mapping[str, float] = field(default_factory=dict)
+    alpha_bounds: tuple[float, float] = (0.001, 0.25)
+    service_threshold: Mapping[str, float] = field(default_factory=dict)
+    max_threshold: float = 0.6
+    learn_min_feedback: int = 20
+    routing: Mapping[str, Any] | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        lo, hi = self.alpha_bounds
+        if not 0 < lo <= hi < 1:
+            raise ValueError("alpha_bounds: must satisfy 0 < low <= high < 1")
+        if not 0 < self.alpha < 1:
+            raise ValueError("alpha: must be in (0, 1)")
+        for name, a in self.service_alpha.items():
+            if not lo <= a <= hi:
+                raise ValueError(f"service_alpha.{name}: must be within alpha_bounds {lo}..{hi}")
+        for name, t in self.service_threshold.items():
+            if not 0 <= t <= self.max_threshold:
+                raise ValueError(f"service_threshold.{name}: must be within 0..max_threshold "
+                                 f"{self.max_threshold}")
+        for name in ("min_agreement", "min_success", "credibility"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name}: must be in [0, 1]")
+        if self.neighbours < 1:
+            raise ValueError("neighbours: must be >= 1")
+
+    def alpha_for(self, service: str | None) -> float:
+        """The tolerated false-escalation rate for a service: its own, else the policy's."""
+        return self.service_alpha.get(service or "", self.alpha)
+
+    def threshold_floor(self, service: str | None) -> float:
+        """A raw-score floor under the calibrated threshold, learned from feedback when even the
+        lowest α escalates what people keep calling familiar (0: none)."""
+        return self.service_threshold.get(service or "", 0.0)
 
     def as_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["automate_services"] = list(self.automate_services)
         out["automate_severities"] = list(self.automate_severities)
+        out["service_alpha"] = dict(self.service_alpha)
+        out["service_threshold"] = dict(self.service_threshold)
+        out["alpha_bounds"] = list(self.alpha_bounds)
+        out["routing"] = dict(self.routing) if self.routing is not None else None
         out["extra"] = dict(self.extra)
         return out
 
@@ -97,7 +135,7 @@ class Policy:
         if novelty.is_novel:
             return Decision("escalate", _clip(1.0 - p), [
                 f"novel: novelty {novelty.score:.3f} above threshold {novelty.threshold:.3f} "
-                f"(p-value {p:.3f}, α={self.alpha}); nearest similarity "
+                f"(p-value {p:.3f}, α={self.alpha_for(service)}); nearest similarity "
                 f"{novelty.nearest_similarity:.3f}"], None, 0.0, None)
 
         familiarity = _clip(1.0 - novelty.score)
@@ -171,12 +209,24 @@ def resolution_key(action: str) -> str:
 
 
 def parse_policy(data: Mapping[str, Any], version: int) -> Policy:
-    """Build a policy from JSON-like data, ignoring unknown keys into ``extra``."""
+    """Build a policy from JSON-like data; unknown keys go to ``extra``.
+
+    Raises ``ValueError`` whose message starts with the offending field.
+    """
     known = {f for f in Policy.__dataclass_fields__ if f not in ("version", "extra")}
     kwargs: dict[str, Any] = {k: v for k, v in data.items() if k in known}
-    for name in ("automate_services", "automate_severities"):
-        if name in kwargs:
-            kwargs[name] = tuple(kwargs[name])
+    try:
+        for name in ("automate_services", "automate_severities", "alpha_bounds"):
+            if name in kwargs:
+                kwargs[name] = tuple(kwargs[name])
+        for name in ("service_alpha", "service_threshold"):
+            if name in kwargs:
+                kwargs[name] = {str(k): float(v) for k, v in dict(kwargs[name]).items()}
+        for name in ("alpha", "weak_match_factor", "min_agreement", "min_success",
+                     "credibility", "max_threshold"):
+            if name in kwargs:
+                kwargs[name] = float(kwargs[name])
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{name}: {exc}") from exc
     extra = {k: v for k, v in data.items() if k not in known and k != "version"}
     return Policy(version=version, extra=extra, **kwargs)
-

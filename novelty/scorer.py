@@ -47,6 +47,9 @@ __all__ = ["Item", "Neighbour", "NoveltyResult", "NoveltyScorer", "Query"]
 
 Vector = npt.NDArray[np.float32]
 GLOBAL = "*"
+#: Levels at which every result also reports its raw threshold, so a stored verdict can be
+#: re-decided under a policy with another α.
+ALPHA_GRID = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5)
 _NO_COUNTS: Counter[str] = Counter()
 
 
@@ -94,6 +97,8 @@ class NoveltyResult:
     neighbours: list[Neighbour] = field(default_factory=list)
     #: Raw novelty the event would have against each of the first neighbours alone.
     neighbour_raw: list[float] = field(default_factory=list)
+    #: Raw thresholds of the event's reference at other levels α (for policy backtests).
+    thresholds: dict[float, float] = field(default_factory=dict)
 
 
 class NoveltyScorer:
@@ -456,9 +461,12 @@ class NoveltyScorer:
                           resolutions=tuple(self._resolutions[g].most_common()))
                 for s, c, lx, g in scored]
 
-    def score(self, queries: Sequence[Query], *, alpha: float, k: int = 5
+    def score(self, queries: Sequence[Query], *, alpha: float | Callable[[str | None], float],
+              k: int = 5, floor: Callable[[str | None], float] | None = None
               ) -> list[NoveltyResult]:
-        """Novelty of each query at level ``alpha`` (the tolerated false-escalation rate)."""
+        """Novelty of each query at level ``alpha`` (the tolerated false-escalation rate), a
+        number or a function of the query's service; ``floor`` gives a raw threshold the
+        calibrated one may not go below."""
         if not queries:
             return []
         vecs = np.stack([q.vector for q in queries]).astype(np.float32)
@@ -466,12 +474,15 @@ class NoveltyScorer:
         out = []
         for q, row in zip(queries, cands, strict=True):
             ranked = self._rank(q, row)
-            out.append(self._result(q, ranked, alpha, k))
+            level = alpha(q.service) if callable(alpha) else alpha
+            out.append(self._result(q, ranked, level, k,
+                                    floor(q.service) if floor is not None else 0.0))
         return out
 
-    def _result(self, q: Query, ranked: list[Neighbour], alpha: float, k: int) -> NoveltyResult:
+    def _result(self, q: Query, ranked: list[Neighbour], alpha: float, k: int,
+                floor: float = 0.0) -> NoveltyResult:
         ref = self.reference_for(q.service)
-        t = self.raw_threshold(ref, alpha)
+        t = max(self.raw_threshold(ref, alpha), floor)
         seq = q.masked.split()
         exact = q.fingerprint in self._fp_gid
         best = ranked[: self.TOP]
@@ -517,7 +528,8 @@ class NoveltyScorer:
             reference=ref.name if ref is not None else "none", components=components,
             neighbours=ranked[:k],
             neighbour_raw=[_combine([e], self._factor, self.beta_, self.gamma_)[0]
-                           for e in each])
+                           for e in each],
+            thresholds={a: self.raw_threshold(ref, a) for a in ALPHA_GRID})
 
 
 @dataclass

@@ -15,6 +15,7 @@ from hypothesis.configuration import set_hypothesis_home_dir
 
 from api.app import create_app
 from api.deja import Deja
+from api.settings import Settings
 from embeddings import HashingEncoder, SentenceTransformerEncoder
 from kb import Store
 
@@ -40,7 +41,8 @@ def fake_encoder() -> HashingEncoder:
 
 @pytest.fixture
 def deja(tmp_path: Path, fake_encoder: HashingEncoder) -> Iterator[Deja]:
-    d = Deja.open(tmp_path, encoder=fake_encoder)
+    # No background SLA sweep: tests that need one call ``deja.desk.sweep()`` themselves.
+    d = Deja.open(tmp_path, encoder=fake_encoder, settings=Settings(sweep_seconds=0))
     try:
         yield d
     finally:
@@ -49,6 +51,16 @@ def deja(tmp_path: Path, fake_encoder: HashingEncoder) -> Iterator[Deja]:
 
 @pytest.fixture
 def client(deja: Deja) -> Iterator[TestClient]:
+    """A client holding the data dir's first-start admin key."""
+    assert deja.bootstrap_key is not None
+    with TestClient(create_app(deja),
+                    headers={"Authorization": f"Bearer {deja.bootstrap_key}"}) as c:
+        yield c
+
+
+@pytest.fixture
+def anonymous(deja: Deja) -> Iterator[TestClient]:
+    """A client without any key."""
     with TestClient(create_app(deja)) as c:
         yield c
 

@@ -36,6 +36,7 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = data_dir.parent / f"serve-{self.port}.log"
         self.proc: subprocess.Popen[bytes] | None = None
+        self.key = ""
 
     def start(self, timeout: float = 120.0) -> None:
         env = {**os.environ, "HF_HUB_OFFLINE": "1", **self.extra_env}
@@ -50,11 +51,17 @@ class Server:
                 raise RuntimeError(f"deja serve exited: {self.log.read_text()[-2000:]}")
             try:
                 if httpx.get(f"{self.url}/healthz", timeout=2).status_code == 200:
+                    self.key = (self.data_dir / "admin.key").read_text().strip()
                     return
             except httpx.TransportError:
                 pass
             time.sleep(0.3)
         raise TimeoutError(f"deja serve not healthy: {self.log.read_text()[-2000:]}")
+
+    def client(self, key: str | None = None) -> httpx.Client:
+        """An HTTP client with a bearer key (the admin key written at first start by default)."""
+        return httpx.Client(base_url=self.url, timeout=120,
+                            headers={"Authorization": f"Bearer {key or self.key}"})
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import html
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -52,10 +51,16 @@ def kb(client: TestClient) -> TestClient:
 @pytest.fixture(scope="module")
 def shared_kb(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
     """One loaded KB for tests that only read, or must not write (bad input)."""
-    with Deja.open(tmp_path_factory.mktemp("shared"), encoder=HashingEncoder(64)) as deja, \
-            TestClient(create_app(deja)) as client:
+    with Deja.open(tmp_path_factory.mktemp("shared"), encoder=HashingEncoder(64),
+                   settings=Settings(sweep_seconds=0)) as deja, \
+            TestClient(create_app(deja), headers=_auth(deja)) as client:
         assert client.post("/v1/events", json={"events": KB}).status_code == 201
         yield client
+
+
+def _auth(deja: Deja) -> dict[str, str]:
+    assert deja.bootstrap_key is not None
+    return {"Authorization": f"Bearer {deja.bootstrap_key}"}
 
 
 def _stats(client: TestClient) -> dict[str, Any]:
@@ -388,21 +393,24 @@ def test_incident_by_client_id_and_by_kb_id(kb: TestClient) -> None:
 # -- GET / -------------------------------------------------------------------------------------
 
 
-def test_dashboard_shows_recent_decisions_escaped(kb: TestClient) -> None:
-    title = "<script>alert('x')</script> & Disk full on db-9"
-    _check(kb, title=title)
-    r = kb.get("/")
+def test_the_page_is_a_static_shell_that_calls_the_api(anonymous: TestClient) -> None:
+    # The page holds no data (it is served without a key) and reads the API with the user's.
+    r = anonymous.get("/")
     assert r.status_code == 200
     assert r.headers["content-type"].startswith("text/html")
-    assert html.escape(title) in r.text
-    assert "<script>alert" not in r.text
-    assert "Recent decisions" in r.text
+    for path in ("/v1/decisions", "/v1/escalations", "/v1/similar", "/v1/stats"):
+        assert path in r.text
+    assert "Authorization" in r.text
 
 
-def test_dashboard_search(kb: TestClient) -> None:
-    r = kb.get("/", params={"q": "TLS certificate for api-9.example.com expires in 3 days"})
-    assert r.status_code == 200
-    assert "Similar incidents" in r.text and "Renew the certificate" in r.text
+def test_the_page_data_is_escaped_by_the_page(kb: TestClient) -> None:
+    title = "<script>alert('x')</script> & Disk full on db-9"
+    _check(kb, title=title)
+    decisions = kb.get("/v1/decisions", params={"limit": 1}).json()["decisions"]
+    assert decisions[0]["event"]["title"] == title
+    # The page renders every API string through its escaping helper, never raw.
+    page = kb.get("/").text
+    assert "esc(d.event.title)" in page and "innerHTML" in page
 
 
 # -- bad input -------------------------------------------------------------------------------------
@@ -499,7 +507,7 @@ def test_bad_input_is_a_4xx_naming_the_field_and_writes_nothing(
 def test_an_oversized_body_is_refused(tmp_path: Path) -> None:
     settings = Settings(max_body_bytes=1000)
     with Deja.open(tmp_path, settings=settings, encoder=HashingEncoder(64)) as deja, \
-            TestClient(create_app(deja)) as client:
+            TestClient(create_app(deja), headers=_auth(deja)) as client:
         r = client.post("/v1/events", json={"events": [{"title": "x" * 1500}]})
         assert r.status_code == 413
         assert r.json()["error"]["field"] == "body"

@@ -1,4 +1,4 @@
-"""The human handoff through a real `deja serve`: escalate, group, notify, breach, resolve, learn."""
+"""The human handoff through a real `deja serve`: escalate, group, notify, breach, resolve."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 from api.scenarios import demo_kb
@@ -105,7 +104,7 @@ NOVEL = {"title": "Payment provider webhook signature mismatch for merchant 4411
 @pytest.mark.slow
 def test_escalate_group_notify_breach_resolve_and_learn(server: Server,
                                                         receiver: Receiver) -> None:
-    http = httpx.Client(base_url=server.url, timeout=120)
+    http = server.client()
     assert http.post("/v1/events", json={"events": demo_kb(0)[:60]}).status_code == 201
     assert http.post("/v1/changes", json={
         "service": "payments", "summary": "deploy payments-api v2.3.1",

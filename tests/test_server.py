@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 
 from api.scenarios import demo_checks, demo_kb
@@ -24,7 +23,7 @@ def server(tmp_path: Path) -> Iterator[Server]:
 
 @pytest.mark.slow
 def test_real_server_loop_and_restart(server: Server) -> None:
-    http = httpx.Client(base_url=server.url, timeout=120)
+    http = server.client()
     kb = demo_kb(0)
     r = http.post("/v1/events", json={"events": kb})
     assert r.status_code == 201, r.text
