@@ -23,6 +23,7 @@ $(STAMP): pyproject.toml constraints.txt
 
 run: install
 	HF_HUB_OFFLINE=1 $(VENV)/bin/deja demo --data-dir $(DATA_DIR) --if-empty
+	@echo "admin key ($(DATA_DIR)/admin.key): $$(cat $(DATA_DIR)/admin.key)"
 	HF_HUB_OFFLINE=1 $(VENV)/bin/deja serve --data-dir $(DATA_DIR) --host $(HOST) --port $(PORT)
 
 test: install lint
