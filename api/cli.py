@@ -24,6 +24,16 @@ DataDir = Annotated[Path, typer.Option("--data-dir", "-d", envvar="DEJA_DATA_DIR
 
 
 def _open(data_dir: Path) -> Any:
+    # Fail fast on a data dir another process holds, before the model and torch load.
+    from kb import Store
+
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        Store(data_dir / "deja.duckdb").close()
+    except DataDirLocked as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+
     from api.deja import Deja
 
     try:
