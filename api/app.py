@@ -26,6 +26,7 @@ from api.schemas import (
     ApproveIn,
     AuditList,
     AuditOut,
+    BackupIn,
     BatchCheckIn,
     BatchVerdicts,
     ChangeIn,
@@ -159,14 +160,26 @@ def create_app(deja: Deja | None = None, settings: Settings | None = None, *,
 
 
 def _install_errors(app: FastAPI, settings: Settings) -> None:
+    inflight = 0
+
     @app.middleware("http")
-    async def limit_body(request: Request,
-                         call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+    async def guard(request: Request,
+                    call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        nonlocal inflight
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > settings.max_body_bytes:
             return _error(413, "body_too_large",
                           f"request body exceeds {settings.max_body_bytes} bytes", "body")
-        return await call_next(request)
+        # Backpressure: beyond this many requests in flight, answer 503 at once rather than
+        # queue without bound; clients (Alertmanager among them) retry a 503.
+        if inflight >= settings.max_inflight and request.url.path != "/healthz":
+            return _error(503, "overloaded", "too many requests in flight; retry shortly",
+                          None, {"Retry-After": "1"})
+        inflight += 1
+        try:
+            return await call_next(request)
+        finally:
+            inflight -= 1
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -195,10 +208,11 @@ def _install_errors(app: FastAPI, settings: Settings) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed", 503: "unavailable"}.get(
-            exc.status_code, "error")
+        code = {400: "invalid_json", 404: "not_found", 405: "method_not_allowed",
+                503: "unavailable"}.get(exc.status_code, "error")
         headers = {"Retry-After": "1"} if exc.status_code == 503 else None
-        return _error(exc.status_code, code, str(exc.detail), None, headers)
+        return _error(exc.status_code, code, str(exc.detail),
+                      "body" if exc.status_code == 400 else None, headers)
 
 
 def _install_routes(app: FastAPI, settings: Settings) -> None:
@@ -323,6 +337,17 @@ def _install_routes(app: FastAPI, settings: Settings) -> None:
     @app.post("/v1/decisions/{decision_id}/override")
     def override(decision_id: str, body: OverrideIn, deja: DejaDep, who: Operator) -> Verdict:
         return deja.override(decision_id, body.decision, body.note, actor=who)
+
+    @app.post("/v1/backup", status_code=201)
+    def make_backup(body: BackupIn, deja: DejaDep, who: Admin) -> dict[str, Any]:
+        from api.backup import backup
+
+        try:
+            info = backup(deja, Path(body.path))
+        except (FileExistsError, ValueError, OSError) as exc:
+            raise InvalidInput(str(exc), "path") from exc
+        deja.store.audit(who.actor, who.role, "backup", body.path, info)
+        return info
 
     @app.get("/v1/audit")
     def audit(deja: DejaDep, who: Viewer, limit: Annotated[int, Query(ge=1, le=1000)] = 100,

@@ -221,6 +221,38 @@ def backtest(version: Annotated[int, typer.Option(help="Policy version to try.")
     typer.echo(json.dumps(report, indent=2, default=str))
 
 
+@app.command("backup")
+def backup_cmd(data_dir: Annotated[Path, typer.Argument(help="Data dir to back up.")],
+               out: Annotated[Path, typer.Argument(help="Empty directory for the backup.")]
+               ) -> None:
+    """Consistent snapshot of a data dir (the server must be stopped, or use the API)."""
+    from api.backup import backup
+
+    deja = _open(data_dir)
+    try:
+        info = backup(deja, out)
+    except (FileExistsError, ValueError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from exc
+    finally:
+        deja.close()
+    typer.echo(f"backed up {info['incidents']} incidents, {info['decisions']} decisions to {out}")
+
+
+@app.command("restore")
+def restore_cmd(backup_dir: Annotated[Path, typer.Argument(help="A backup directory.")],
+                data_dir: Annotated[Path, typer.Argument(help="New, empty data dir.")]) -> None:
+    """Restore a backup into a new data dir."""
+    from api.backup import restore
+
+    try:
+        info = restore(backup_dir, data_dir)
+    except (FileExistsError, FileNotFoundError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from exc
+    typer.echo(f"restored into {data_dir}: {info.get('incidents', '?')} incidents")
+
+
 def main() -> None:
     try:
         app()

@@ -362,3 +362,7 @@ class KeyCreated(BaseModel):
 
 class KeyList(BaseModel):
     keys: list[KeyOut]
+
+
+class BackupIn(_In):
+    path: Annotated[Text, StringConstraints(min_length=1, max_length=4096)]

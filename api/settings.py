@@ -28,6 +28,8 @@ class Settings(BaseSettings):
     max_k: int = 100
     #: Largest request body accepted, in bytes.
     max_body_bytes: int = 10 * 1024 * 1024
+    #: Requests in flight beyond which new ones get 503 + Retry-After (backpressure).
+    max_inflight: int = 64
     #: Save the index after this many new vectors (it is always saved on shutdown).
     index_save_every: int = 5000
     #: Routing of handoffs (JSON, see ``handoff.DEFAULT_ROUTING``); None uses the default.

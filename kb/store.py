@@ -195,6 +195,12 @@ class Store(EscalationStore, GovernanceStore):
             finally:
                 self._local.depth = 0
 
+    @contextmanager
+    def transaction_lock(self) -> Iterator[None]:
+        """Hold the write lock (no transaction): writers wait until it is released."""
+        with self._write_lock:
+            yield
+
     def checkpoint(self) -> None:
         with self._write_lock:
             self._cur().execute("CHECKPOINT")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import httpx
 
-__all__ = ["Server"]
+__all__ = ["Server", "deja_command"]
 
 
 def _free_port() -> int:
@@ -21,7 +21,7 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _deja_command() -> list[str]:
+def deja_command() -> list[str]:
     exe = Path(sys.executable).with_name("deja")
     return [str(exe)] if exe.exists() else [sys.executable, "-m", "api.cli"]
 
@@ -38,11 +38,11 @@ class Server:
         self.proc: subprocess.Popen[bytes] | None = None
         self.key = ""
 
-    def start(self, timeout: float = 120.0) -> None:
+    def start(self, timeout: float = 120.0, *, read_key: bool = True) -> None:
         env = {**os.environ, "HF_HUB_OFFLINE": "1", **self.extra_env}
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen(
-                [*_deja_command(), "serve", "--data-dir", str(self.data_dir),
+                [*deja_command(), "serve", "--data-dir", str(self.data_dir),
                  "--host", "127.0.0.1", "--port", str(self.port)],
                 stdout=out, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + timeout
@@ -51,7 +51,8 @@ class Server:
                 raise RuntimeError(f"deja serve exited: {self.log.read_text()[-2000:]}")
             try:
                 if httpx.get(f"{self.url}/healthz", timeout=2).status_code == 200:
-                    self.key = (self.data_dir / "admin.key").read_text().strip()
+                    if read_key:
+                        self.key = (self.data_dir / "admin.key").read_text().strip()
                     return
             except httpx.TransportError:
                 pass
@@ -62,6 +63,12 @@ class Server:
         """An HTTP client with a bearer key (the admin key written at first start by default)."""
         return httpx.Client(base_url=self.url, timeout=120,
                             headers={"Authorization": f"Bearer {key or self.key}"})
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown code runs, as in a crash."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
