@@ -385,13 +385,14 @@ class Deja(Governance):
         opened: list[str] = []
         with self.store.transaction():
             self.store.add_decisions(records)
-            for verdict, p in pending:
-                if verdict.decision == "replay":
-                    continue
-                verdict.escalation_id, new = self.desk.receive(
-                    verdict, p.event.model_dump(mode="json", exclude_none=True), p.fingerprint)
+            handed = [(v, p) for v, p in pending if v.decision != "replay"]
+            ids = self.desk.receive([
+                (v, p.event.model_dump(mode="json", exclude_none=True), p.fingerprint)
+                for v, p in handed])
+            for (verdict, _), (escalation_id, new) in zip(handed, ids, strict=True):
+                verdict.escalation_id = escalation_id
                 if new:
-                    opened.append(verdict.escalation_id)
+                    opened.append(escalation_id)
         for escalation_id in opened:
             self.desk.announce(escalation_id)
         return verdicts

@@ -76,17 +76,33 @@ class EscalationDesk:
         self.notifier.stop(timeout=2)
 
     # -- opening --------------------------------------------------------------------------------
-    def receive(self, verdict: Verdict, event: dict[str, Any], fingerprint: str
-                ) -> tuple[str, bool]:
-        """Open an escalation for a review/escalate verdict, or join the active one of the same
-        fingerprint. Returns the escalation id and whether it is new. Runs inside the caller's
-        KB transaction."""
-        assert verdict.decision_id is not None and verdict.decision != "replay"
+    def receive(self, items: Sequence[tuple[Verdict, dict[str, Any], str]]
+                ) -> list[tuple[str, bool]]:
+        """Open escalations for review/escalate verdicts ``(verdict, event, fingerprint)``, or
+        join the active one of the same fingerprint. Returns each one's escalation id and
+        whether it is new. Runs inside the caller's KB transaction; a batch costs one lookup
+        and one write per fingerprint."""
         now = _now()
-        active = self.store.open_escalation_for(fingerprint)
-        if active is not None:
-            self.store.join_escalation(active.escalation_id, verdict.decision_id, event, now)
-            return active.escalation_id, False
+        active = self.store.open_escalations_for(sorted({fp for _, _, fp in items}))
+        out: list[tuple[str, bool]] = []
+        joining: dict[str, list[tuple[str, dict[str, Any]]]] = {}
+        for verdict, event, fp in items:
+            assert verdict.decision_id is not None and verdict.decision != "replay"
+            rec = active.get(fp)
+            if rec is not None:
+                joining.setdefault(rec.escalation_id, []).append((verdict.decision_id, event))
+                out.append((rec.escalation_id, False))
+                continue
+            rec = self._open(verdict, event, fp, now)
+            active[fp] = rec
+            out.append((rec.escalation_id, True))
+        for escalation_id, joined in joining.items():
+            self.store.join_escalation(escalation_id, joined, now)
+        return out
+
+    def _open(self, verdict: Verdict, event: dict[str, Any], fingerprint: str,
+              now: datetime) -> EscalationRecord:
+        assert verdict.decision_id is not None
         service = event.get("service") or event.get("source")
         route = self.router.match(service=service, severity=event.get("severity"),
                                   source=event.get("source"), labels=event.get("labels") or {},
@@ -112,7 +128,7 @@ class EscalationDesk:
             last_event_at=now, acked_at=None, acked_by=None, resolved_at=None, resolved_by=None,
             breached_at=None, breaches=0)
         self.store.add_escalation(rec, event)
-        return escalation_id, True
+        return rec
 
     def announce(self, escalation_id: str) -> None:
         """Notify the route's webhooks that an escalation opened (after its commit)."""

@@ -249,7 +249,8 @@ class Governance:
                           {"from": rec.decision, "to": decision, "note": note})
             new = False
             if decision != "replay":
-                verdict.escalation_id, new = d.desk.receive(verdict, rec.event, rec.fingerprint)
+                verdict.escalation_id, new = d.desk.receive(
+                    [(verdict, rec.event, rec.fingerprint)])[0]
         if new and verdict.escalation_id:
             d.desk.announce(verdict.escalation_id)
         return verdict

@@ -103,14 +103,28 @@ class EscalationStore:
             cur.execute("INSERT INTO escalation_events VALUES (?, ?, ?::JSON, ?)",
                         [rec.escalation_id, rec.decision_id, json.dumps(event), rec.created_at])
 
-    def join_escalation(self, escalation_id: str, decision_id: str, event: dict[str, Any],
+    def open_escalations_for(self, fingerprints: Sequence[str]) -> dict[str, EscalationRecord]:
+        """The active escalation of each fingerprint that has one."""
+        if not fingerprints:
+            return {}
+        rows = self._cur().execute(
+            f"SELECT {_COLS} FROM escalations WHERE fingerprint IN (SELECT unnest($1)) AND "
+            f"state IN ('open', 'acked', 'breached') ORDER BY created_at",
+            [list(fingerprints)]).fetchall()
+        return {rec.fingerprint: rec for rec in map(_escalation, rows)}
+
+    def join_escalation(self, escalation_id: str, joined: Sequence[tuple[str, dict[str, Any]]],
                         at: datetime) -> None:
-        """A near-identical event joins an active escalation instead of opening another."""
+        """Near-identical events (``(decision_id, event)``) join an active escalation instead
+        of opening another."""
+        if not joined:
+            return
         with self.transaction() as cur:
-            cur.execute("INSERT INTO escalation_events VALUES (?, ?, ?::JSON, ?)",
-                        [escalation_id, decision_id, json.dumps(event), at])
-            cur.execute("UPDATE escalations SET events = events + 1, last_event_at = ? "
-                        "WHERE escalation_id = ?", [at, escalation_id])
+            cur.execute("INSERT INTO escalation_events SELECT $1, unnest($2), unnest($3)::JSON, $4",
+                        [escalation_id, [d for d, _ in joined],
+                         [json.dumps(e) for _, e in joined], at])
+            cur.execute("UPDATE escalations SET events = events + ?, last_event_at = ? "
+                        "WHERE escalation_id = ?", [len(joined), at, escalation_id])
 
     def get_escalation(self, escalation_id: str) -> EscalationRecord | None:
         row = self._cur().execute(f"SELECT {_COLS} FROM escalations WHERE escalation_id = ?",
