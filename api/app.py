@@ -7,22 +7,26 @@ never block the event loop.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, Query, Request, Response
+from fastapi import Body, Depends, FastAPI, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from api.adapters import AdapterError, parse_alertmanager, parse_pagerduty
 from api.auth import Forbidden, Principal, Unauthorized
 from api.deja import Deja
 from api.governance import Forbidden as GovernanceForbidden
 from api.governance import redact_policy
+from api.metrics import Metrics
 from api.schemas import (
     AckIn,
+    AlertmanagerIngestOut,
     ApproveIn,
     AuditList,
     AuditOut,
@@ -37,6 +41,7 @@ from api.schemas import (
     EscalationList,
     EscalationOut,
     EscalationState,
+    EventIn,
     EventsIn,
     FeedbackIn,
     FeedbackOut,
@@ -50,6 +55,7 @@ from api.schemas import (
     OutcomeIn,
     OutcomeOut,
     OverrideIn,
+    PagerDutyIngestOut,
     PolicyIn,
     PolicyList,
     PolicyOut,
@@ -78,6 +84,7 @@ _STATUS: dict[type[DejaError], tuple[int, str]] = {
     EscalationNotFound: (404, "escalation_not_found"),
     InvalidState: (409, "invalid_state"),
     GovernanceForbidden: (403, "forbidden"),
+    AdapterError: (422, "invalid_payload"),
     Unauthorized: (401, "unauthorized"),
     Forbidden: (403, "forbidden"),
     InvalidInput: (422, "invalid"),
@@ -143,6 +150,7 @@ def create_app(deja: Deja | None = None, settings: Settings | None = None, *,
         if getattr(app.state, "deja", None) is None:
             owned = Deja.open(settings.data_dir, settings=settings)
             app.state.deja = owned
+            _bind_metrics(app.state.metrics, owned)
         try:
             yield
         finally:
@@ -154,6 +162,9 @@ def create_app(deja: Deja | None = None, settings: Settings | None = None, *,
                   description="Have we seen this before? Novelty checks for operations events.")
     app.state.deja = deja
     app.state.settings = settings
+    app.state.metrics = Metrics()
+    if deja is not None:
+        _bind_metrics(app.state.metrics, deja)
     _install_errors(app, settings)
     _install_routes(app, settings)
     return app
@@ -215,7 +226,67 @@ def _install_errors(app: FastAPI, settings: Settings) -> None:
                       "body" if exc.status_code == 400 else None, headers)
 
 
+def _bind_metrics(metrics: Metrics, deja: Deja) -> None:
+    metrics.bind(incidents=deja.store.count_incidents,
+                 vectors=lambda: deja.index.ntotal,  # read each time: reindex swaps the index
+                 open_escalations=deja.store.count_active_escalations,
+                 cache=lambda: (deja.cache.stats.hits, deja.cache.stats.misses))
+
+
 def _install_routes(app: FastAPI, settings: Settings) -> None:
+    metrics: Metrics = app.state.metrics
+
+    def run_checks(deja: Deja, events: Sequence[EventIn], dry_run: bool, who: Principal
+                   ) -> list[Verdict]:
+        started = time.perf_counter()
+        verdicts = deja.check(events, dry_run=dry_run, actor=who)
+        metrics.observe_verdicts(verdicts, time.perf_counter() - started)
+        return verdicts
+
+    def handoff_timing(out: EscalationOut, *, acked_now: bool = False) -> EscalationOut:
+        if acked_now and out.acked_at is not None:
+            metrics.observe_handoff((out.acked_at - out.created_at).total_seconds(), None)
+        if out.resolved_at is not None:
+            metrics.observe_handoff(None, (out.resolved_at - out.created_at).total_seconds())
+        return out
+
+    @app.get("/metrics", include_in_schema=False)
+    def prometheus_metrics() -> Response:
+        body, content_type = metrics.render()
+        return Response(content=body, media_type=content_type)
+
+    @app.post("/v1/ingest/alertmanager")
+    def ingest_alertmanager(body: Annotated[dict[str, Any], Body()], deja: DejaDep,
+                            who: Operator) -> AlertmanagerIngestOut:
+        batch = parse_alertmanager(body)
+        events = [EventIn.model_validate(a.event) for a in batch.firing]
+        # Alertmanager re-sends firing alerts (retries, repeat_interval): an alert already
+        # checked (same fingerprint and start) is not checked or audited again.
+        seen = deja.checked_event_ids([e.id for e in events if e.id])
+        fresh = [e for e in events if e.id not in seen]
+        verdicts = run_checks(deja, fresh, False, who) if fresh else []
+        for alert in batch.resolved:
+            deja.store.audit(who.actor, who.role, "alert.resolved", alert.dedup_key,
+                             {"ended_at": alert.ended_at.isoformat() if alert.ended_at
+                              else None})
+        return AlertmanagerIngestOut(results=verdicts, ids=[e.id or "" for e in fresh],
+                                     duplicates=sorted(seen),
+                                     resolved=[a.dedup_key for a in batch.resolved],
+                                     truncated=batch.truncated)
+
+    @app.post("/v1/ingest/pagerduty", status_code=202)
+    def ingest_pagerduty(body: Annotated[dict[str, Any], Body()], deja: DejaDep,
+                         who: Operator) -> PagerDutyIngestOut:
+        parsed = parse_pagerduty(body)
+        verdict = None
+        if parsed.event is not None:
+            verdict = run_checks(deja, [EventIn.model_validate(parsed.event)], False, who)[0]
+        else:
+            deja.store.audit(who.actor, who.role, f"pagerduty.{parsed.action}",
+                             parsed.dedup_key)
+        return PagerDutyIngestOut(message="Event processed", dedup_key=parsed.dedup_key,
+                                  verdict=verdict)
+
     @app.get("/healthz")
     def healthz(request: Request) -> JSONResponse:
         deja: Deja | None = getattr(request.app.state, "deja", None)
@@ -234,12 +305,12 @@ def _install_routes(app: FastAPI, settings: Settings) -> None:
     @app.post("/v1/check")
     def check(body: CheckIn, deja: DejaDep, who: Viewer) -> Verdict:
         _may_check(who, body.dry_run)
-        return deja.check([body], dry_run=body.dry_run, actor=who)[0]
+        return run_checks(deja, [body], body.dry_run, who)[0]
 
     @app.post("/v1/check/batch")
     def check_batch(body: BatchCheckIn, deja: DejaDep, who: Viewer) -> BatchVerdicts:
         _may_check(who, body.dry_run)
-        return BatchVerdicts(results=deja.check(body.events, dry_run=body.dry_run, actor=who))
+        return BatchVerdicts(results=run_checks(deja, body.events, body.dry_run, who))
 
     @app.get("/v1/similar")
     def similar(deja: DejaDep, who: Viewer,
@@ -272,25 +343,28 @@ def _install_routes(app: FastAPI, settings: Settings) -> None:
     @app.post("/v1/escalations/{escalation_id}/ack")
     def ack(escalation_id: str, deja: DejaDep, who: Operator, body: AckIn | None = None
             ) -> EscalationOut:
-        return deja.ack(escalation_id, body.by if body else None, actor=who)
+        first = deja.desk.get(escalation_id).acked_at is None
+        return handoff_timing(deja.ack(escalation_id, body.by if body else None, actor=who),
+                              acked_now=first)
 
     @app.post("/v1/escalations/{escalation_id}/resolve")
     def resolve(escalation_id: str, body: ResolveIn, deja: DejaDep, who: Operator
                 ) -> EscalationOut:
-        return deja.resolve(escalation_id, body.resolution, outcome=body.outcome, by=body.by,
-                            actor=who)
+        return handoff_timing(deja.resolve(escalation_id, body.resolution,
+                                           outcome=body.outcome, by=body.by, actor=who))
 
     @app.post("/v1/escalations/{escalation_id}/approve")
     def approve(escalation_id: str, deja: DejaDep, who: Approver,
                 body: ApproveIn | None = None) -> EscalationOut:
         body = body or ApproveIn()
-        return deja.approve(escalation_id, outcome=body.outcome, by=body.by, actor=who)
+        return handoff_timing(deja.approve(escalation_id, outcome=body.outcome, by=body.by,
+                                           actor=who))
 
     @app.post("/v1/escalations/{escalation_id}/reject")
     def reject(escalation_id: str, body: RejectIn, deja: DejaDep, who: Approver
                ) -> EscalationOut:
-        return deja.reject(escalation_id, body.resolution, outcome=body.outcome, by=body.by,
-                           actor=who)
+        return handoff_timing(deja.reject(escalation_id, body.resolution, outcome=body.outcome,
+                                          by=body.by, actor=who))
 
     @app.post("/v1/changes", status_code=201)
     def change(body: ChangeIn, deja: DejaDep, who: Operator) -> ChangeOut:

@@ -540,6 +540,15 @@ class Deja(Governance):
                 lower_bound=rec.lower_bound(self.policy.credibility)) if rec else None)
 
     # -- reading --------------------------------------------------------------------------------
+    def checked_event_ids(self, ids: Sequence[str]) -> set[str]:
+        """Which of these client event ids already have an audited verdict."""
+        if not ids:
+            return set()
+        rows = self.store.sql(
+            "SELECT DISTINCT event->>'id' FROM decisions WHERE event->>'id' IN "
+            "(SELECT unnest(?))", [list(ids)])
+        return {r[0] for r in rows}
+
     def decisions(self, limit: int = 50, decision: str | None = None) -> list[DecisionOut]:
         return [_decision_out(r) for r in self.store.list_decisions(limit, decision)]
 

@@ -366,3 +366,18 @@ class KeyList(BaseModel):
 
 class BackupIn(_In):
     path: Annotated[Text, StringConstraints(min_length=1, max_length=4096)]
+
+
+class AlertmanagerIngestOut(BaseModel):
+    results: list[Verdict]
+    ids: list[str]
+    duplicates: list[str]
+    resolved: list[str]
+    truncated: int = 0
+
+
+class PagerDutyIngestOut(BaseModel):
+    status: str = "success"
+    message: str
+    dedup_key: str
+    verdict: Verdict | None = None
