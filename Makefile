@@ -8,7 +8,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test lint bench demo clean
+.PHONY: install run test lint bench demo clean system-deps screenshot
 
 install: $(STAMP)
 
@@ -26,7 +26,11 @@ run: install
 	@echo "admin key ($(DATA_DIR)/admin.key): $$(cat $(DATA_DIR)/admin.key)"
 	HF_HUB_OFFLINE=1 $(VENV)/bin/deja serve --data-dir $(DATA_DIR) --host $(HOST) --port $(PORT)
 
-test: install lint
+# Debian's chromium and prometheus-alertmanager, for the browser and Alertmanager tests.
+system-deps:
+	sh scripts/system-deps.sh
+
+test: install lint system-deps
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
 
 lint: install
@@ -35,6 +39,9 @@ lint: install
 
 bench: install
 	HF_HUB_OFFLINE=1 $(PY) -m bench.quality --out bench/results --seeds 0 1 2
+
+screenshot: install system-deps
+	HF_HUB_OFFLINE=1 $(PY) -m bench.screenshot --out bench/results/dashboard.png
 
 clean:
 	rm -rf $(VENV) data/demo

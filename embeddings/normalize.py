@@ -52,6 +52,10 @@ _MASKS: list[tuple[re.Pattern[str], str]] = [
     # one-dot names keep their shape and lose only their digits below.
     (re.compile(r"(?<![\w.-])(?=[\w.-]*\d)[a-zA-Z][a-zA-Z0-9-]*(?:\.[a-zA-Z0-9-]+)+\.[a-zA-Z][a-zA-Z-]*"
                 r"(?![\w-])"), "<HOST>"),
+    # ...and one-dot names with a numbered label (db-28.prod, cache-3.us-east), and cloud
+    # instance names (ip-10-0-3-17), so a fleet's naming styles mask alike.
+    (re.compile(r"(?<![\w.-])[a-zA-Z][a-zA-Z0-9]*-\d+\.[a-zA-Z][a-zA-Z-]+(?![\w.-])"), "<HOST>"),
+    (re.compile(r"(?<![\w.-])ip-\d{1,3}-\d{1,3}-\d{1,3}-\d{1,3}(?![\w-])"), "<HOST>"),
     (re.compile(r"\b0[xX][0-9a-fA-F]+\b"), "<HEX>"),
     # Hashes and hex ids: long hex runs that contain at least one digit and one letter a-f.
     (re.compile(r"\b(?=[0-9a-fA-F]*\d)(?=[0-9a-fA-F]*[a-fA-F])[0-9a-fA-F]{6,}\b"), "<HEX>"),

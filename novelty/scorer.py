@@ -118,7 +118,9 @@ class NoveltyScorer:
     see :class:`novelty.calibration.Reference`).
     """
 
-    WEIGHTS = tuple(round(0.1 * i, 1) for i in range(11))
+    # Neither evidence is ever switched off entirely: a purely lexical ranking fails free-text
+    # searches, a purely dense one fails look-alikes.
+    WEIGHTS = tuple(round(0.1 * i, 1) for i in range(1, 10))
     BETAS = (0.0, 0.5, 1.0)
     GAMMAS = (0.0, 0.1, 0.2, 0.4, 0.8, 1.6)
     #: Neighbours (by fused similarity) whose template contradiction is weighed.
@@ -316,8 +318,8 @@ class NoveltyScorer:
             far = [(o, c) for o, c in row if self._kind[o] != kind][: self.candidates]
             if far:
                 lex = [self._lexical(mine, self._tokens[o], without_kind) for o, _ in far]
-                neg.append(_Loo(g, far, lex,
-                                [self._contradiction(seq, o) for o, _ in far], False))
+                neg.append(_Loo(g, far, lex, [self._contradiction(seq, o) for o, _ in far],
+                                False))
         return pos, neg
 
     def _contradiction(self, seq: list[str], gid: int) -> float:

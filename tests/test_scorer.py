@@ -422,7 +422,7 @@ def test_template_miner_sizes_count_members() -> None:
         (["VM", "Started"], ["VM", "Started"], 0.0),
         (["VM", "Paused", "on", "h"], ["VM", "Started", "on", "<*>"], 0.25),
         (["x", "y", "z"], ["<*>", "<*>", "<*>"], 0.0),
-        (["a", "b"], ["a", "b", "c"], 1.0),  # another length is another template
+        (["a", "b"], ["a", "b", "c"], 2 / 3),  # a missing word, and one word shorter
         ([], [], 0.0),
     ],
 )
