@@ -34,7 +34,9 @@ from api.schemas import (
     BatchCheckIn,
     BatchVerdicts,
     ChangeIn,
+    ChangeList,
     ChangeOut,
+    ChangeRecordOut,
     CheckIn,
     DecisionKind,
     DecisionList,
@@ -365,6 +367,14 @@ def _install_routes(app: FastAPI, settings: Settings) -> None:
                ) -> EscalationOut:
         return handoff_timing(deja.reject(escalation_id, body.resolution, outcome=body.outcome,
                                           by=body.by, actor=who))
+
+    @app.get("/v1/changes")
+    def changes(deja: DejaDep, who: Viewer, limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+                service: Annotated[str | None, Query(max_length=200)] = None) -> ChangeList:
+        return ChangeList(changes=[
+            ChangeRecordOut(id=c.change_id, service=c.service, summary=c.summary, at=c.at,
+                            author=c.author, ref=c.ref)
+            for c in deja.store.list_changes(limit, service)])
 
     @app.post("/v1/changes", status_code=201)
     def change(body: ChangeIn, deja: DejaDep, who: Operator) -> ChangeOut:

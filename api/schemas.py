@@ -381,3 +381,16 @@ class PagerDutyIngestOut(BaseModel):
     message: str
     dedup_key: str
     verdict: Verdict | None = None
+
+
+class ChangeRecordOut(BaseModel):
+    id: str
+    service: str
+    summary: str
+    at: datetime
+    author: str | None
+    ref: str | None
+
+
+class ChangeList(BaseModel):
+    changes: list[ChangeRecordOut]

@@ -207,6 +207,16 @@ class EscalationStore:
             [list(services), since, until]).fetchall()
         return [Change(*r) for r in rows]
 
+    def list_changes(self, limit: int = 100, service: str | None = None) -> list[Change]:
+        query = "SELECT change_id, service, summary, changed_at, author, ref FROM changes"
+        params: list[Any] = []
+        if service is not None:
+            query += " WHERE service = ?"
+            params.append(service)
+        query += " ORDER BY changed_at DESC LIMIT ?"
+        params.append(limit)
+        return [Change(*r) for r in self._cur().execute(query, params).fetchall()]
+
     def add_delivery(self, escalation_id: str, target: str, fmt: str, attempt: int, status: str,
                      http_status: int | None, error: str | None, at: datetime) -> None:
         with self.transaction() as cur:
