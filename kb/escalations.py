@@ -9,7 +9,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import duckdb
 
@@ -73,11 +73,10 @@ class Change:
 class EscalationStore:
     """Escalation persistence; relies on the host class's cursor and transaction."""
 
-    def _cur(self) -> duckdb.DuckDBPyConnection:
-        raise NotImplementedError  # pragma: no cover - provided by Store
+    if TYPE_CHECKING:  # provided by kb.Store, which mixes this class in
+        def _cur(self) -> duckdb.DuckDBPyConnection: ...
 
-    def transaction(self) -> AbstractContextManager[duckdb.DuckDBPyConnection]:
-        raise NotImplementedError  # pragma: no cover - provided by Store
+        def transaction(self) -> AbstractContextManager[duckdb.DuckDBPyConnection]: ...
 
     # -- escalations ----------------------------------------------------------------------------
     def open_escalation_for(self, fingerprint: str) -> EscalationRecord | None:

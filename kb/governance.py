@@ -10,7 +10,7 @@ import secrets
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import duckdb
 
@@ -74,11 +74,10 @@ def _policy(row: tuple[Any, ...]) -> PolicyRecord:
 class GovernanceStore:
     """Keys, policies and audit; relies on the host class's cursor and transaction."""
 
-    def _cur(self) -> duckdb.DuckDBPyConnection:
-        raise NotImplementedError  # pragma: no cover - provided by Store
+    if TYPE_CHECKING:  # provided by kb.Store, which mixes this class in
+        def _cur(self) -> duckdb.DuckDBPyConnection: ...
 
-    def transaction(self) -> AbstractContextManager[duckdb.DuckDBPyConnection]:
-        raise NotImplementedError  # pragma: no cover - provided by Store
+        def transaction(self) -> AbstractContextManager[duckdb.DuckDBPyConnection]: ...
 
     # -- keys -----------------------------------------------------------------------------------
     def create_key(self, name: str, role: str, created_by: str | None = None) -> tuple[str, str]:
