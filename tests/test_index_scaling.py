@@ -120,6 +120,17 @@ def test_ivf_recall_against_exact_search_on_fresh_queries(budget: int | None) ->
     assert recall >= 0.95
 
 
+def test_an_unreachable_recall_target_stops_at_the_plateau_not_at_exhaustive_search() -> None:
+    # 8-bit codes reorder near-ties, so no nprobe reaches recall 1.0; probing every cell would
+    # make each search a slow scan for nothing.
+    sq8, _, _ = _built(4000, approximate_above=500, memory_budget=1, min_recall=1.0)
+    info = sq8.build_info()
+    assert info["kind"] == "ivf-sq8" and not info["recall_target_met"]
+    assert info["nprobe"] < info["nlist"] and info["recall_at_10"] >= 0.95
+    exact, _, _ = _built(4000, approximate_above=500, min_recall=1.0)
+    assert exact.build_info()["recall_target_met"] and exact.build_info()["recall_at_10"] == 1.0
+
+
 def test_ivf_pads_a_short_result_with_minus_one_and_minus_inf() -> None:
     index, _, vectors = _built(2000, approximate_above=500)
     sims, found = index.search(vectors[:2], 2000)
