@@ -714,7 +714,8 @@ def markdown(result: dict[str, Any]) -> str:
         f"{meta['repeats']} runs · machine quiet: {meta['quiet']} (CPU busy before start "
         f"{meta['cpu_busy_before_start']:.0%}; other processes used "
         f"{meta['foreign_cpu_seconds']:.0f} CPU-s during the run, {meta['foreign_cpu_share']:.0%} "
-        f"of the machine) · {meta['seconds']:.0f} s", "",
+        f"of the machine; iowait {meta['iowait']:.1%}, steal {meta['steal']:.1%}) · "
+        f"{meta['seconds']:.0f} s", "",
     ]
     rows: list[tuple[str, str, str, str]] = []
     model = result.get("model") or {}
@@ -821,6 +822,21 @@ def _other_benchmarks() -> list[str]:
     return [line for line in out.splitlines() if line and "pgrep" not in line]
 
 
+def cpu_times() -> list[int]:
+    """The machine's CPU time counters (user nice system idle iowait irq softirq steal …)."""
+    with open("/proc/stat") as fh:
+        return [int(x) for x in fh.readline().split()[1:]]
+
+
+def cpu_shares(before: Sequence[int], after: Sequence[int]) -> dict[str, float]:
+    """Shares of CPU time between two :func:`cpu_times` samples spent waiting on I/O and stolen
+    by the hypervisor: either one high makes disk-bound or CPU-bound figures unreliable."""
+    delta = [b - a for a, b in zip(before, after, strict=False)]
+    total = sum(delta) or 1
+    return {"iowait": round(delta[4] / total, 3) if len(delta) > 4 else 0.0,
+            "steal": round(delta[7] / total, 3) if len(delta) > 7 else 0.0}
+
+
 def cpu_busy(seconds: float = 3.0) -> float:
     """Share of the machine's CPU time spent busy over ``seconds`` (from /proc/stat)."""
     def sample() -> tuple[int, int]:
@@ -910,6 +926,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     others = _other_benchmarks()
     busy = cpu_busy()
     cpu_before = cpu_by_process()
+    times_before = cpu_times()
     started = time.time()
     result: dict[str, Any] = {"meta": {
         "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)),
@@ -930,6 +947,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except Exception as exc:  # one failed section must not lose the others' figures
             result["errors"][name] = f"{type(exc).__name__}: {exc}"
             print(f"[perf] {name} failed: {exc}", file=sys.stderr)
+        result["meta"].setdefault("section_seconds", {})[name] = round(time.perf_counter() - t0)
         print(f"[perf] {name} done in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
 
     with tempfile.TemporaryDirectory(prefix="deja-perf-") as tmp:
@@ -941,7 +959,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     others_end = _other_benchmarks()
     foreign = foreign_cpu_seconds(cpu_before, cpu_by_process(), os.getpid())
     result["meta"].update({
-        "foreign_cpu_seconds": round(foreign, 1),
+        "foreign_cpu_seconds": round(foreign, 1), **cpu_shares(times_before, cpu_times()),
         "foreign_cpu_share": round(foreign / ((time.time() - started) * (os.cpu_count() or 1)), 3),
         "seconds": time.time() - started, "load_end": round(os.getloadavg()[0], 2),
         "other_benchmarks_at_end": others_end,
