@@ -1,4 +1,4 @@
-"""The ``deja`` command: serve, ingest, check, similar, reindex, demo."""
+"""The ``deja`` command: serve, ingest, backfill, check, similar, reindex, demo."""
 
 from __future__ import annotations
 
@@ -92,6 +92,62 @@ def ingest(file: Annotated[Path, typer.Argument(exists=True, dir_okay=False,
     finally:
         deja.close()
     typer.echo(f"{created} new incidents ({len(events) - created} already known)")
+
+
+@app.command()
+def backfill(path: Annotated[Path, typer.Argument(
+                 exists=True, help="A JSONL file (one Event per line) or a directory of them.")],
+             data_dir: DataDir = Path("data/demo"),
+             engine: Annotated[str, typer.Option(
+                 help="ray: Ray Data on a cluster (pip install 'deja[ray]'); local: one process."
+             )] = "ray",
+             address: Annotated[str | None, typer.Option(
+                 envvar="RAY_ADDRESS", help="Ray cluster to join (default: start a local one).")
+             ] = None,
+             workers: Annotated[int | None, typer.Option(
+                 min=1, help="Embedding actors (default: the cluster's CPUs).")] = None,
+             staging: Annotated[Path | None, typer.Option(
+                 help="Parquet staging parent dir (default: the data dir; on a multi-node "
+                      "cluster, storage every node sees).")] = None,
+             keep_staging: Annotated[bool, typer.Option("--keep-staging")] = False) -> None:
+    """Embed a large history in bulk and load it in one transaction (all or nothing)."""
+    from api.backfill import BackfillError, ray_env
+    from api.backfill import backfill as run
+
+    if engine not in ("ray", "local"):
+        typer.echo(f"error: --engine must be ray or local, not {engine}", err=True)
+        raise typer.Exit(1)
+    started = False
+    if engine == "ray":
+        ray_env()
+        try:
+            import ray
+        except ImportError as exc:
+            typer.echo("error: --engine ray needs the ray extra: pip install 'deja[ray]' "
+                       "(or use --engine local)", err=True)
+            raise typer.Exit(1) from exc
+        if not ray.is_initialized():
+            ray.init(address=address, include_dashboard=False)
+            started = True
+    try:
+        report = run(path, data_dir, engine=engine,  # type: ignore[arg-type]
+                     settings=Settings(data_dir=data_dir), workers=workers, staging=staging,
+                     keep_staging=keep_staging)
+    except BackfillError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from exc
+    finally:
+        if started:
+            ray.shutdown()
+    secs = ", ".join(f"{k} {v:.1f} s" for k, v in report.seconds.items())
+    rate = report.events / report.total_seconds if report.total_seconds else 0.0
+    typer.echo(f"{report.created} new incidents ({report.skipped} already known) from "
+               f"{report.events} events in {report.files} files; {report.embedded} texts "
+               f"embedded ({report.distinct_fingerprints} fingerprints); {report.engine}: "
+               f"{secs} ({rate:.0f} events/s)")
+    typer.echo(f"index {report.index_status}: {report.indexed} incidents")
+    if report.bootstrap_key:
+        typer.echo(f"admin key (also in {data_dir / 'admin.key'}): {report.bootstrap_key}")
 
 
 @app.command()
