@@ -104,7 +104,7 @@ class Deja(Governance):
         self.data_dir = data_dir
         self.store = store
         self.cache = CachedEncoder(encoder, store)
-        self.index = VectorIndex(encoder.dim)
+        self.index = VectorIndex(encoder.dim, memory_budget=_memory_budget(settings))
         self.scorer = NoveltyScorer(self.index, candidates=settings.candidates)
         self.policy = Policy(version=1, alpha=settings.alpha, routing=settings.routing)
         self.auth = Authenticator(store)
@@ -204,8 +204,9 @@ class Deja(Governance):
         covered = 0
         if path is not None and path.exists():
             try:
-                index, manifest = VectorIndex.load(path, model_id=self.model_id,
-                                                   dim=self.cache.dim)
+                index, manifest = VectorIndex.load(
+                    path, model_id=self.model_id, dim=self.cache.dim,
+                    memory_budget=_memory_budget(self.settings))
                 rows = self.store.incidents_after(0)
                 restored = [r for r in rows if r[0] <= manifest.last_kb_id]
                 scorer = NoveltyScorer(index, candidates=self.settings.candidates)
@@ -268,7 +269,7 @@ class Deja(Governance):
     def reindex(self) -> int:
         """Rebuild the index from stored vectors (no re-embedding); returns the vector count."""
         with self._mutate:
-            self.index = VectorIndex(self.cache.dim)
+            self.index = VectorIndex(self.cache.dim, memory_budget=_memory_budget(self.settings))
             self.scorer = NoveltyScorer(self.index, candidates=self.settings.candidates)
             self._last_kb_id = 0
             self._index_rows(self.store.incidents_after(0), progress=True)
@@ -559,14 +560,21 @@ class Deja(Governance):
             decisions=self.store.count_decisions(),
             open_escalations=self.store.count_active_escalations(),
             policy_version=self.policy.version, model=self.model_id,
-            index={"kind": "flat", "vectors": self.index.ntotal, "status": self.index_status,
-                   "last_kb_id": self._last_kb_id},
+            # The build record (kind, nlist, nprobe, recall@10 measured at build, memory, ...)
+            # plus this service's view of it; "vectors" and "kind" come from the serving index.
+            index={**self.index.build_info(), "status": self.index_status,
+                   "last_kb_id": self._last_kb_id,
+                   "memory_budget_bytes": self.index.memory_budget},
             calibration={"lexical_weight": round(1 - self.scorer.weight_, 3),
                          "density_exponent": self.scorer.beta_,
                          "separation_auroc": self.scorer.separation_,
                          "references": {k: len(v) for k, v in refs.items()},
                          "fitted_groups": self.scorer.fitted_groups_},
             cache=self.cache.stats.as_dict())
+
+
+def _memory_budget(settings: Settings) -> int | None:
+    return settings.index_memory_mib * 2**20 if settings.index_memory_mib > 0 else None
 
 
 def _policy_body(policy: Policy) -> dict[str, Any]:

@@ -193,7 +193,11 @@ class Stats(BaseModel):
     open_escalations: int
     policy_version: int
     model: str
-    index: dict[str, Any]
+    index: dict[str, Any] = Field(description=(
+        "kind (flat, ivf-flat, ivf-fp16 or ivf-sq8), vectors, status, last_kb_id, and how the "
+        "index was built: recall_at_10 against exact search measured at build time (1.0 for "
+        "flat), recall_target(_met), recall_sample, nlist, nprobe, build_seconds, "
+        "built_vectors, memory_bytes, memory_budget_bytes, rebuilding, rebuild_error"))
     calibration: dict[str, Any]
     cache: dict[str, int]
 

@@ -32,6 +32,9 @@ class Settings(BaseSettings):
     max_inflight: int = 64
     #: Save the index after this many new vectors (it is always saved on shutdown).
     index_save_every: int = 5000
+    #: MiB the vector index may use; past it a rebuild picks the smaller ivf-fp16, then ivf-sq8
+    #: codes (1024 holds 1M 384-d vectors as ivf-fp16). 0: no limit.
+    index_memory_mib: int = 1024
     #: Routing of handoffs (JSON, see ``handoff.DEFAULT_ROUTING``); None uses the default.
     routing: dict[str, Any] | None = None
     #: Seconds between SLA sweeps (0 disables the background sweep).

@@ -2,6 +2,8 @@
 10k/100k/1M vectors, feedback-to-searchable latency, and a naive peer on the same KB.
 
     python -m bench.perf --out bench/results [--quick] [--json]
+    python -m bench.perf --out /tmp/perf --sections faiss --faiss-sizes 1000000 \
+        [--faiss-kinds ivf-flat ivf-fp16]          # one section, one size, some kinds
 
 Every figure is the median of ``repeats`` runs made in this one invocation (each run's value is in
 perf.json). The tables go to stdout (or the JSON document, with ``--json``) and to OUT/perf.md and
@@ -33,7 +35,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -66,17 +68,19 @@ class Plan:
     peer_rules: int
     faiss_sizes: tuple[int, ...]
     faiss_queries: int
-    sq8_at_largest: bool
+    #: Also the compact kinds (ivf-fp16, ivf-sq8) at the largest size, where a memory budget
+    #: would pick them.
+    coded_at_largest: bool
     hot_templates: int = 200
 
 
 FULL = Plan(repeats=3, model_singles=200, model_batch_texts=1024, ingest_unique=1000,
             ingest_stream=5000, checks=200, feedback_trials=15, peer_events=600, peer_rules=300,
             faiss_sizes=(10_000, 50_000, 100_000, 1_000_000), faiss_queries=200,
-            sq8_at_largest=True)
+            coded_at_largest=True)
 QUICK = Plan(repeats=2, model_singles=30, model_batch_texts=128, ingest_unique=100,
              ingest_stream=600, checks=30, feedback_trials=3, peer_events=100, peer_rules=60,
-             faiss_sizes=(10_000, 50_000), faiss_queries=100, sq8_at_largest=False)
+             faiss_sizes=(10_000, 50_000), faiss_queries=100, coded_at_largest=False)
 
 
 # -- small statistics -----------------------------------------------------------------------------
@@ -611,11 +615,13 @@ def _recall(found: np.ndarray, exact: np.ndarray) -> float:
                           for f, e in zip(found, exact, strict=True)]))
 
 
-def bench_faiss(plan: Plan) -> list[dict[str, Any]]:
-    """Flat vs IVF through ``novelty.VectorIndex`` on synthetic clustered vectors."""
+def bench_faiss(plan: Plan, only: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """Flat vs IVF through ``novelty.VectorIndex`` on synthetic clustered vectors; ``only``
+    limits the kinds measured."""
     import faiss
 
     from novelty import VectorIndex
+    from novelty.index import memory_estimate
 
     rows: list[dict[str, Any]] = []
     largest = max(plan.faiss_sizes)
@@ -630,9 +636,11 @@ def bench_faiss(plan: Plan) -> list[dict[str, Any]]:
         _, exact_fresh = faiss.knn(fresh, vectors, K, metric=faiss.METRIC_INNER_PRODUCT)
         novel_sims, exact_novel = faiss.knn(novel, vectors, K, metric=faiss.METRIC_INNER_PRODUCT)
 
-        kinds = ["flat", "ivf-flat"] + (["ivf-sq8"] if plan.sq8_at_largest and n == largest
-                                        else [])
+        kinds = ["flat", "ivf-flat"] + (["ivf-fp16", "ivf-sq8"]
+                                        if plan.coded_at_largest and n == largest else [])
         for kind in kinds:
+            if only and kind not in only:
+                continue
             builds = 1 if n >= 1_000_000 else plan.repeats
             build_s, p50, p99, mem, rss = [], [], [], [], []
             info: dict[str, Any] = {}
@@ -648,8 +656,11 @@ def bench_faiss(plan: Plan) -> list[dict[str, Any]]:
                         index.add(ids, vectors)
                         build_s.append(time.perf_counter() - t0)
                     else:
+                        # The budget a deployment would have set to get this kind: exactly
+                        # its estimate (ivf-flat: none).
+                        budget = None if kind == "ivf-flat" else memory_estimate(kind, n, DIM)
                         index = VectorIndex(DIM, approximate_above=0, auto_rebuild=False,
-                                            memory_budget=1 if kind == "ivf-sq8" else None)
+                                            memory_budget=budget)
                         thread = index.start_rebuild(_provider(ids, vectors))
                         thread.join()
                         if thread.error is not None:
@@ -658,6 +669,8 @@ def bench_faiss(plan: Plan) -> list[dict[str, Any]]:
                     gc.collect()
                     rss.append((_rss_bytes() - before) / 2**20)
                     info = index.build_info()
+                    if info["kind"] != kind:
+                        raise RuntimeError(f"asked for {kind}, VectorIndex built {info['kind']}")
                     mem.append(info["memory_bytes"] / 2**20)
                 assert index is not None
                 lat = _latencies(index, fresh)
@@ -680,7 +693,8 @@ def bench_faiss(plan: Plan) -> list[dict[str, Any]]:
                 "builds": builds, "latency_runs": plan.repeats, "queries": nq,
             })
             print(f"  faiss {n:>9,} {info['kind']:<8} build {median_of(build_s):7.2f}s "
-                  f"p50 {median_of(p50):7.3f} ms  recall {r_fresh:.4f}", file=sys.stderr)
+                  f"mem {median_of(mem):6.0f} MiB  p50 {median_of(p50):7.3f} ms  "
+                  f"p99 {median_of(p99):7.3f} ms  recall {r_fresh:.4f}", file=sys.stderr)
             del index
             gc.collect()
         del vectors
@@ -791,7 +805,9 @@ def markdown(result: dict[str, Any]) -> str:
             "single queries on one OpenMP thread. recall@10 against exact search: at build time "
             "(stored vectors as queries, self left out), on fresh queries near the KB, and on "
             "novel queries far from it; shortfall = exact minus found top-1 similarity on the "
-            "novel queries. Memory: the index's estimate and the process's resident-size growth.",
+            "novel queries. Memory: the index's own (codes, ids, id hash table, centroids: "
+            "`memory_bytes` of `/v1/stats`, what the memory budget is checked against) and the "
+            "process's resident-size growth over the build.",
             "",
             "| vectors | kind | build s | memory MiB | RSS Δ MiB | nlist | nprobe | recall build "
             "| recall fresh | recall novel | novel top-1 shortfall | p50 ms | p99 ms | builds |",
@@ -910,6 +926,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--json", action="store_true", help="print the JSON document, not markdown")
     p.add_argument("--sections", nargs="+", default=["model", "service", "peer", "faiss"],
                    choices=["model", "service", "peer", "faiss"])
+    p.add_argument("--faiss-sizes", nargs="+", type=int, default=None, metavar="N",
+                   help="vector counts of the faiss section (default: the plan's); the coded "
+                        "kinds run at the largest")
+    p.add_argument("--faiss-kinds", nargs="+", default=None,
+                   choices=["flat", "ivf-flat", "ivf-fp16", "ivf-sq8"],
+                   help="only these kinds in the faiss section")
     return p.parse_args(argv)
 
 
@@ -923,6 +945,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     plan = QUICK if args.quick else FULL
+    if args.faiss_sizes:
+        plan = replace(plan, faiss_sizes=tuple(args.faiss_sizes))
     others = _other_benchmarks()
     busy = cpu_busy()
     cpu_before = cpu_by_process()
@@ -932,6 +956,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)),
         "commit": _git_commit(), "cpus": os.cpu_count(), "python": platform.python_version(),
         "quick": args.quick, "repeats": plan.repeats, "plan": asdict(plan),
+        "faiss_kinds": args.faiss_kinds,
         "load_start": round(os.getloadavg()[0], 2), "other_benchmarks_at_start": others,
         "cpu_busy_before_start": round(busy, 3),
     }, "errors": {}}
@@ -955,7 +980,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         section("model", lambda: bench_model(plan, events))
         section("service", lambda: bench_service(plan, events, workdir, result.get("model", {})))
         section("peer", lambda: bench_peer(plan, events, workdir))
-        section("faiss", lambda: bench_faiss(plan))
+        section("faiss", lambda: bench_faiss(plan, args.faiss_kinds))
     others_end = _other_benchmarks()
     foreign = foreign_cpu_seconds(cpu_before, cpu_by_process(), os.getpid())
     result["meta"].update({

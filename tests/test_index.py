@@ -6,15 +6,20 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
+from fastapi.testclient import TestClient
 
+from api.app import create_app
 from api.deja import DB_FILE, INDEX_FILE, Deja
 from api.schemas import EventIn, ResolutionIn
+from api.settings import Settings
 from embeddings import HashingEncoder, fingerprint, mask
 from kb import NewIncident, Store
 from novelty import IndexManifest, IndexUnusable, VectorIndex
+from novelty.index import memory_estimate
 
 
 def _unit(*values: float) -> np.ndarray:
@@ -216,3 +221,70 @@ def test_reopen_with_another_model_rebuilds_for_that_model(tmp_path: Path) -> No
         assert deja.stats().indexed == indexed
         assert deja.index.dim == 32
         assert other.calls == len({fingerprint(mask(t)) for t in _TITLES})
+
+
+# -- /v1/stats: the serving index and how it was built ---------------------------------------------
+
+_SYLLABLES = ["ka", "lo", "mi", "nu", "pe", "ra", "si", "to", "vu", "ze", "bo", "da"]
+# 144 made-up words (digits would be masked away and merge fingerprints).
+_WORDS = [a + b + c for a in _SYLLABLES for b in _SYLLABLES for c in ("n", "x")]
+
+
+def _distinct_events(n: int, seed: int = 0) -> list[dict[str, Any]]:
+    rng = np.random.default_rng(seed)
+    return [{"id": f"s{i}", "title": " ".join(rng.choice(_WORDS, size=10).tolist()),
+             "resolution": {"action": "restart"}, "outcome": "resolved"} for i in range(n)]
+
+
+def _index_stats(http: TestClient) -> dict[str, Any]:
+    r = http.get("/v1/stats")
+    assert r.status_code == 200, r.text
+    out: dict[str, Any] = r.json()["index"]
+    return out
+
+
+def test_stats_report_the_serving_index_kind_and_its_build_record(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    encoder = HashingEncoder(384)
+    # 1 MiB holds ~650 384-d vectors as ivf-flat and ~1,250 as ivf-fp16.
+    monkeypatch.setenv("DEJA_INDEX_MEMORY_MIB", "1")
+    settings = Settings(sweep_seconds=0)
+    events = _distinct_events(1001)
+    with Deja.open(tmp_path, encoder=encoder, settings=settings) as deja, \
+            TestClient(create_app(deja), headers=_auth(tmp_path)) as http:
+        empty = _index_stats(http)
+        assert (empty["kind"], empty["vectors"], empty["recall_at_10"], empty["nprobe"]) == (
+            "flat", 0, 1.0, None)
+        assert empty["memory_budget_bytes"] == 2**20 and empty["status"] == "new"
+        assert http.post("/v1/events", json={"events": events[:1000]}).status_code == 201
+        assert _index_stats(http)["kind"] == "flat"  # below approximate_above (50,000)
+        # Stand-in for a KB past 50,000 incidents: the next addition makes the rebuild due.
+        deja.index.approximate_above = 500
+        assert http.post("/v1/events", json={"events": events[1000:]}).status_code == 201
+        assert deja.index.wait_for_rebuild(120)
+        stats = _index_stats(http)
+        info = deja.index.build_info()
+        assert stats["kind"] == deja.index.kind == "ivf-fp16"
+        assert stats["vectors"] == deja.index.ntotal == deja.stats().indexed == 1001
+        for key in ("nlist", "nprobe", "recall_at_10", "recall_target_met", "recall_sample",
+                    "build_seconds", "built_vectors", "memory_bytes", "rebuild_error"):
+            assert stats[key] == info[key], key
+        assert stats["nlist"] > 1 and 1 <= stats["nprobe"] <= stats["nlist"]
+        # Bag-of-words vectors tie a lot, so recall here says little about the kind; what
+        # matters is that the figure measured at build is the one reported.
+        assert stats["recall_sample"] == 500 and 0.0 < stats["recall_at_10"] <= 1.0
+        assert stats["recall_target_met"] == (stats["recall_at_10"] >= 0.98)
+        assert stats["memory_bytes"] <= 2**20 < memory_estimate("ivf-flat", 1001, 384)
+        assert stats["last_kb_id"] == 1001 and not stats["rebuilding"]
+    # The build record is saved with the index and reported again after a restart.
+    with Deja.open(tmp_path, encoder=encoder, settings=settings) as deja, \
+            TestClient(create_app(deja), headers=_auth(tmp_path)) as http:
+        again = _index_stats(http)
+        assert again["status"] == "loaded" and again["kind"] == "ivf-fp16"
+        for key in ("nlist", "nprobe", "recall_at_10", "built_vectors", "vectors"):
+            assert again[key] == stats[key], key
+
+
+def _auth(data_dir: Path) -> dict[str, str]:
+    # The admin key written on the data dir's first start.
+    return {"Authorization": f"Bearer {(data_dir / 'admin.key').read_text().strip()}"}

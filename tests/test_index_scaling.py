@@ -1,6 +1,7 @@
 """The index past its exact range (novelty/index.py): the switch to IVF above
-``approximate_above``, recall measured at build time, ivf-sq8 under a memory budget, persistence
-of the kind, reconstruct on every kind, and background rebuilds under concurrent searches and adds.
+``approximate_above``, recall measured at build time, ivf-fp16 and ivf-sq8 under a memory budget,
+persistence of the kind, reconstruct on every kind, and background rebuilds under concurrent
+searches and adds.
 
 Small KBs with a low ``approximate_above`` exercise the IVF paths in a second or two.
 """
@@ -17,7 +18,14 @@ import numpy as np
 import pytest
 
 from novelty import IndexUnusable, VectorIndex
-from novelty.index import _BATCH_THREADS, KINDS, _ReadWriteLock, cells_for, choose_kind
+from novelty.index import (
+    _BATCH_THREADS,
+    KINDS,
+    _ReadWriteLock,
+    cells_for,
+    choose_kind,
+    memory_estimate,
+)
 
 DIM = 32
 
@@ -52,14 +60,40 @@ def _exact(ids: np.ndarray, vectors: np.ndarray, queries: np.ndarray, k: int) ->
     return ids[rows]
 
 
+def _budget(kind: str, n: int) -> int | None:
+    """The memory budget under which a rebuild of ``n`` vectors makes ``kind``: no limit for
+    ivf-flat, else exactly that kind's estimate (the roomier kinds' estimates are larger)."""
+    return None if kind == "ivf-flat" else memory_estimate(kind, n, DIM)
+
+
 # -- choosing the kind ---------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(("n", "budget", "kind"), [
     (500, None, "flat"), (501, None, "ivf-flat"), (5000, None, "ivf-flat"),
-    (5000, 10**9, "ivf-flat"), (5000, 100_000, "ivf-sq8"), (500, 1, "flat")])
+    (5000, 10**9, "ivf-flat"), (5000, 100_000, "ivf-sq8"), (500, 1, "flat"),
+    # 5000 32-d vectors: ivf-flat 0.89 MB, ivf-fp16 0.57 MB, ivf-sq8 0.41 MB.
+    (5000, 700_000, "ivf-fp16"), (5000, 500_000, "ivf-sq8")])
 def test_kind_follows_size_and_memory_budget(n: int, budget: int | None, kind: str) -> None:
     assert choose_kind(n, DIM, approximate_above=500, memory_budget=budget) == kind
+
+
+def test_the_least_lossy_kind_that_fits_is_chosen_at_its_exact_estimate() -> None:
+    n = 5000
+    flat, fp16, sq8 = (memory_estimate(k, n, DIM) for k in ("ivf-flat", "ivf-fp16", "ivf-sq8"))
+    assert flat > fp16 > sq8
+    for budget, kind in [(flat, "ivf-flat"), (flat - 1, "ivf-fp16"), (fp16, "ivf-fp16"),
+                         (fp16 - 1, "ivf-sq8"), (1, "ivf-sq8")]:
+        assert choose_kind(n, DIM, approximate_above=500, memory_budget=budget) == kind, budget
+
+
+def test_at_1m_384d_vectors_a_1_gib_budget_picks_ivf_fp16() -> None:
+    # Deja's default budget (DEJA_INDEX_MEMORY_MIB=1024) at issue 7's size.
+    mib = {k: memory_estimate(k, 1_000_000, 384) / 2**20 for k in KINDS}
+    assert 1500 < mib["ivf-flat"] < 1530 and 770 < mib["ivf-fp16"] < 800
+    assert choose_kind(1_000_000, 384, approximate_above=50_000, memory_budget=2**30) == "ivf-fp16"
+    with pytest.raises(ValueError, match="kind"):
+        memory_estimate("hnsw", 10, 384)
 
 
 @pytest.mark.parametrize("n", [1, 100, 5_000, 50_000, 1_000_000])
@@ -108,16 +142,19 @@ def test_a_rebuild_below_the_threshold_stays_exact() -> None:
 # -- IVF quality ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("budget", [None, 100_000])
-def test_ivf_recall_against_exact_search_on_fresh_queries(budget: int | None) -> None:
-    index, ids, vectors = _built(4000, approximate_above=500, memory_budget=budget)
-    assert index.kind == ("ivf-flat" if budget is None else "ivf-sq8")
-    assert index.build_info()["recall_at_10"] >= 0.98
+@pytest.mark.parametrize(("kind", "fresh_recall"), [
+    ("ivf-flat", 0.99), ("ivf-fp16", 0.99), ("ivf-sq8", 0.95)])
+def test_ivf_recall_against_exact_search_on_fresh_queries(kind: str, fresh_recall: float) -> None:
+    index, ids, vectors = _built(4000, approximate_above=500, memory_budget=_budget(kind, 4000))
+    info = index.build_info()
+    assert index.kind == info["kind"] == kind
+    assert info["recall_at_10"] >= 0.98
+    assert info["memory_bytes"] == memory_estimate(kind, 4000, DIM)
     queries = clustered(300, seed=7)  # same centres, new points: near the KB, not in it
     _, got = index.search(queries, 10)
     want = _exact(ids, vectors, queries, 10)
     recall = np.mean([len(set(g) & set(w)) / 10 for g, w in zip(got, want, strict=True)])
-    assert recall >= 0.95
+    assert recall >= fresh_recall
 
 
 def test_an_unreachable_recall_target_stops_at_the_plateau_not_at_exhaustive_search() -> None:
@@ -148,6 +185,19 @@ def test_reconstruct_on_ivf_returns_the_stored_vectors() -> None:
         index.reconstruct(np.array([-5]))
 
 
+def test_reconstruct_on_ivf_fp16_is_exact_to_half_precision() -> None:
+    index, ids, vectors = _built(2000, approximate_above=500,
+                                 memory_budget=_budget("ivf-fp16", 2000))
+    assert index.kind == "ivf-fp16"
+    got = index.reconstruct(ids[:200])
+    assert np.abs(got - vectors[:200]).max() < 5e-4
+    # The snapshot a later rebuild starts from is these decoded vectors, under every id.
+    snap_ids, snap = index.snapshot()
+    order = np.argsort(snap_ids)
+    np.testing.assert_array_equal(snap_ids[order], ids)
+    assert np.abs(snap[order] - vectors).max() < 5e-4
+
+
 def test_reconstruct_on_ivf_sq8_returns_close_decoded_vectors() -> None:
     index, ids, vectors = _built(2000, approximate_above=500, memory_budget=1)
     assert index.kind == "ivf-sq8"
@@ -173,6 +223,36 @@ def test_an_ivf_index_grown_past_twice_its_build_size_is_due_for_a_rebuild() -> 
     assert index.rebuild_due
 
 
+def test_outgrowing_the_memory_budget_makes_a_rebuild_due_into_a_smaller_kind() -> None:
+    # Budget for 1500 vectors as ivf-flat: built at 1000, the index outgrows it long before it
+    # doubles, and the rebuild that then runs makes ivf-fp16.
+    index, _, _ = _built(1000, approximate_above=500,
+                         memory_budget=memory_estimate("ivf-flat", 1500, DIM))
+    assert index.kind == "ivf-flat" and not index.rebuild_due
+    extra = clustered(600, seed=3)
+    extra_ids = _ids(600, start=5000)
+    index.add(extra_ids[:500], extra[:500])
+    assert not index.rebuild_due
+    index.add(extra_ids[500:], extra[500:])
+    assert index.rebuild_due and index.build_info()["built_vectors"] == 1000
+    index.start_rebuild().join(60)
+    assert index.kind == "ivf-fp16" and index.ntotal == 1600
+    assert index.build_info()["memory_bytes"] <= memory_estimate("ivf-flat", 1500, DIM)
+    _, found = index.search(extra, 1)
+    assert (found[:, 0] == extra_ids).all()
+
+
+def test_a_larger_budget_never_makes_a_rebuild_due_into_a_roomier_kind(tmp_path: Path) -> None:
+    # Rebuilding ivf-sq8 into ivf-flat from its own decoded codes would cost memory for nothing.
+    sq8, _, _ = _built(1000, approximate_above=500, memory_budget=1)
+    path = tmp_path / "index.faiss"
+    sq8.save(path, model_id="toy@1", last_kb_id=1)
+    loaded, _ = VectorIndex.load(path, model_id="toy@1", dim=DIM, approximate_above=500)
+    assert loaded.kind == "ivf-sq8" and loaded.memory_budget is None
+    loaded.add(_ids(1, start=9000), clustered(1, seed=4))
+    assert not loaded.rebuild_due and not loaded.rebuilding
+
+
 def test_adds_on_ivf_are_searchable_at_once() -> None:
     index, _, _ = _built(2000, approximate_above=500)
     fresh = clustered(5, seed=11)
@@ -184,9 +264,10 @@ def test_adds_on_ivf_are_searchable_at_once() -> None:
 # -- persistence -----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("budget", [None, 1])
-def test_save_load_round_trip_keeps_the_kind_and_build(tmp_path: Path, budget: int | None) -> None:
-    index, ids, _ = _built(2000, approximate_above=500, memory_budget=budget)
+@pytest.mark.parametrize("kind", ["ivf-flat", "ivf-fp16", "ivf-sq8"])
+def test_save_load_round_trip_keeps_the_kind_and_build(tmp_path: Path, kind: str) -> None:
+    index, ids, _ = _built(2000, approximate_above=500, memory_budget=_budget(kind, 2000))
+    assert index.kind == kind
     path = tmp_path / "index.faiss"
     manifest = index.save(path, model_id="toy@1", last_kb_id=int(ids[-1]))
     on_disk = json.loads((tmp_path / "index.faiss.manifest.json").read_text())
@@ -196,7 +277,8 @@ def test_save_load_round_trip_keeps_the_kind_and_build(tmp_path: Path, budget: i
     loaded, got = VectorIndex.load(path, model_id="toy@1", dim=DIM, approximate_above=500)
     assert got == manifest and loaded.kind == index.kind
     info, before = loaded.build_info(), index.build_info()
-    for key in ("kind", "nprobe", "nlist", "recall_at_10", "built_vectors", "vectors"):
+    for key in ("kind", "nprobe", "nlist", "recall_at_10", "built_vectors", "vectors",
+                "memory_bytes"):
         assert info[key] == before[key], key
     queries = clustered(20, seed=5)
     np.testing.assert_array_equal(loaded.search(queries, 10)[1], index.search(queries, 10)[1])
@@ -205,15 +287,20 @@ def test_save_load_round_trip_keeps_the_kind_and_build(tmp_path: Path, budget: i
     assert loaded.search(queries[:1], 1)[1].tolist() == [_ids(1, start=50_000).tolist()]
 
 
-def test_load_refuses_a_file_that_is_not_the_kind_its_manifest_says(tmp_path: Path) -> None:
-    index, _, _ = _built(1000, approximate_above=500)
+@pytest.mark.parametrize(("kind", "claimed"), [
+    ("ivf-flat", ("flat", "ivf-fp16", "hnsw")), ("ivf-fp16", ("ivf-sq8", "ivf-flat")),
+    ("ivf-sq8", ("ivf-fp16", "flat"))])
+def test_load_refuses_a_file_that_is_not_the_kind_its_manifest_says(
+        tmp_path: Path, kind: str, claimed: tuple[str, ...]) -> None:
+    index, _, _ = _built(1000, approximate_above=500, memory_budget=_budget(kind, 1000))
+    assert index.kind == kind
     path = tmp_path / "index.faiss"
     index.save(path, model_id="toy@1", last_kb_id=1)
     mpath = tmp_path / "index.faiss.manifest.json"
-    for kind in ("flat", "hnsw"):
+    for other in claimed:
         manifest = json.loads(mpath.read_text())
-        mpath.write_text(json.dumps({**manifest, "kind": kind}))
-        with pytest.raises(IndexUnusable, match=r"kind|flat"):
+        mpath.write_text(json.dumps({**manifest, "kind": other}))
+        with pytest.raises(IndexUnusable, match="manifest"):
             VectorIndex.load(path, model_id="toy@1", dim=DIM)
 
 
@@ -416,4 +503,4 @@ def test_a_waiting_writer_goes_before_later_readers() -> None:
 
 
 def test_kinds_are_exported() -> None:
-    assert KINDS == ("flat", "ivf-flat", "ivf-sq8")
+    assert KINDS == ("flat", "ivf-flat", "ivf-fp16", "ivf-sq8")
