@@ -39,7 +39,7 @@ from api.schemas import (
     Verdict,
 )
 from api.settings import Settings
-from embeddings import CachedEncoder, Encoder, SentenceTransformerEncoder, fingerprint, normalize
+from embeddings import CachedEncoder, Encoder, create_encoder, fingerprint, normalize
 from kb import (
     DecisionNotFound,
     DecisionRecord,
@@ -137,7 +137,8 @@ class Deja(Governance):
             path.mkdir(parents=True, exist_ok=True)
         store = Store(path / DB_FILE if path is not None else ":memory:")
         try:
-            enc = encoder or SentenceTransformerEncoder(settings.model)
+            enc = encoder or create_encoder(settings.model, settings.embedder,
+                                            cache_dir=settings.model_cache_dir)
             deja = cls(store, enc, settings, path)
             try:
                 deja._govern()

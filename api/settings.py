@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -20,6 +20,11 @@ class Settings(BaseSettings):
     port: int = 8000
     #: Any sentence-transformers model path or name; the default is the packaged, verified one.
     model: str = DEFAULT_MODEL
+    #: Runtime of the model: ``torch`` (sentence-transformers), ``onnx`` (ONNX Runtime, the same
+    #: vectors) or ``onnx-int8`` (quantised: its own vector space, so its own index).
+    embedder: Literal["torch", "onnx", "onnx-int8"] = "torch"
+    #: Where ONNX exports are cached (keyed by the weights' sha256); None: ``~/.cache/deja/models``.
+    model_cache_dir: Path | None = None
     #: Default policy: tolerated false-escalation rate.
     alpha: float = 0.05
     #: Dense neighbours re-ranked per check (recall of look-alikes vs cost).

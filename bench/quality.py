@@ -8,6 +8,7 @@ AUROC and template-balanced AUROC of ``novelty.score``, false escalations / miss
 same embedding model is computed in-process on the same split.
 
     python -m bench.quality --out bench/results --seeds 0 1 2 [--systems HDFS Linux] [--url URL]
+        [--embedder torch|onnx|onnx-int8]
 """
 
 from __future__ import annotations
@@ -667,11 +668,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-baseline", action="store_true", help="skip the max-cosine baseline")
     p.add_argument("--startup-timeout", type=float, default=300.0)
     p.add_argument("--deja", default=None, help="command that runs the deja CLI")
+    p.add_argument("--embedder", choices=["torch", "onnx", "onnx-int8"], default=None,
+                   help="DEJA_EMBEDDER for the served processes (default: inherited)")
     return p.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.embedder is not None:
+        # Inherited by every `deja serve` this run starts.
+        os.environ["DEJA_EMBEDDER"] = args.embedder
     available = discover_systems()
     requested: list[str] = args.systems if args.systems else [*available, ALERTS]
     systems = [s for s in requested if s != ALERTS]
@@ -784,7 +790,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "# Deja quality benchmark",
         "",
         f"Commit `{_git_commit()}`, {time.strftime('%Y-%m-%d %H:%M:%S %Z')}, "
-        f"service: {args.url or ' '.join(command) + ' serve (fresh per seed and system)'}.",
+        f"service: {args.url or ' '.join(command) + ' serve (fresh per seed and system)'}, "
+        f"embedder {os.environ.get('DEJA_EMBEDDER', 'torch')}.",
         "",
         header,
         "",
@@ -809,6 +816,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "url": args.url,
             "command": None if shared else command,
             "baseline": baseline is not None,
+            "embedder": os.environ.get("DEJA_EMBEDDER", "torch"),
             "commit": _git_commit(),
             "loghub_dir": str(loghub_dir()),
         },

@@ -9,16 +9,20 @@ from embeddings.encoder import (
     SentenceTransformerEncoder,
 )
 from embeddings.normalize import canonical_text, fingerprint, lexical_tokens, mask, normalize
+from embeddings.onnx_encoder import BACKENDS, OnnxEncoder, create_encoder
 
 __all__ = [
+    "BACKENDS",
     "DEFAULT_MODEL",
     "CachedEncoder",
     "Encoder",
     "HashingEncoder",
     "ModelIntegrityError",
+    "OnnxEncoder",
     "SentenceTransformerEncoder",
     "VectorStore",
     "canonical_text",
+    "create_encoder",
     "fingerprint",
     "lexical_tokens",
     "mask",
