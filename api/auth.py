@@ -42,6 +42,12 @@ class Authenticator:
         self._cache: dict[str, Principal] = {}
         self._lock = threading.Lock()
 
+    def cached(self, key: str) -> Principal | None:
+        """The principal of a key seen before and not revoked since; no KB query (None when
+        it must be looked up with :meth:`principal`)."""
+        with self._lock:
+            return self._cache.get(hash_key(key))
+
     def principal(self, key: str) -> Principal | None:
         digest = hash_key(key)
         with self._lock:

@@ -352,7 +352,7 @@ class Deja(Governance):
         shown = self._display([r.neighbours for r in results])
         verdicts: list[Verdict] = []
         records: list[DecisionRecord] = []
-        pending: list[tuple[Verdict, _Prepared]] = []
+        pending: list[tuple[Verdict, dict[str, Any], str]] = []
         for p, res, neighbours in zip(prepared, results, shown, strict=True):
             keys = {k for n in res.neighbours for k, _ in n.resolutions}
             automatable = {k: bool(self._resolutions.get(k, {}).get("automatable", True))
@@ -369,10 +369,11 @@ class Deja(Governance):
                 model=self.model_id, dry_run=dry_run)
             verdicts.append(verdict)
             if decision_id is not None:
-                pending.append((verdict, p))
+                event = p.event.model_dump(mode="json", exclude_none=True)
+                pending.append((verdict, event, p.fingerprint))
                 records.append(DecisionRecord(
                     decision_id=decision_id,
-                    event=p.event.model_dump(mode="json", exclude_none=True),
+                    event=event,
                     fingerprint=p.fingerprint, service=p.service, severity=p.event.severity,
                     decision=d.decision, score=res.score, is_novel=res.is_novel,
                     threshold=res.threshold, confidence=d.confidence,
@@ -387,11 +388,9 @@ class Deja(Governance):
         opened: list[str] = []
         with self.store.transaction():
             self.store.add_decisions(records)
-            handed = [(v, p) for v, p in pending if v.decision != "replay"]
-            ids = self.desk.receive([
-                (v, p.event.model_dump(mode="json", exclude_none=True), p.fingerprint)
-                for v, p in handed])
-            for (verdict, _), (escalation_id, new) in zip(handed, ids, strict=True):
+            handed = [h for h in pending if h[0].decision != "replay"]
+            ids = self.desk.receive(handed)
+            for (verdict, _, _), (escalation_id, new) in zip(handed, ids, strict=True):
                 verdict.escalation_id = escalation_id
                 if new:
                     opened.append(escalation_id)

@@ -64,6 +64,16 @@ class EscalationDesk:
                                             daemon=True)
             self._thread.start()
 
+    @property
+    def router(self) -> Router:
+        return self._router
+
+    @router.setter
+    def router(self, router: Router) -> None:
+        self._router = router
+        # Without a webhook anywhere, opening a handoff notifies nobody: skip reading it back.
+        self._webhooks = any(r.webhooks for r in router.routes())
+
     def use_routing(self, routing: Mapping[str, Any] | None) -> None:
         """Route new handoffs by another policy's routing (open ones keep their route)."""
         self.router = Router.from_config(routing or DEFAULT_ROUTING)
@@ -83,19 +93,21 @@ class EscalationDesk:
         whether it is new. Runs inside the caller's KB transaction; a batch costs one lookup
         and one write per fingerprint."""
         now = _now()
-        active = self.store.open_escalations_for(sorted({fp for _, _, fp in items}))
+        # From the store's in-memory mirror: we run under its write lock, so no other check
+        # opens or joins one meanwhile.
+        active = self.store.active_escalation_ids(sorted({fp for _, _, fp in items}))
         out: list[tuple[str, bool]] = []
         joining: dict[str, list[tuple[str, dict[str, Any]]]] = {}
         for verdict, event, fp in items:
             assert verdict.decision_id is not None and verdict.decision != "replay"
-            rec = active.get(fp)
-            if rec is not None:
-                joining.setdefault(rec.escalation_id, []).append((verdict.decision_id, event))
-                out.append((rec.escalation_id, False))
+            escalation_id = active.get(fp)
+            if escalation_id is not None:
+                joining.setdefault(escalation_id, []).append((verdict.decision_id, event))
+                out.append((escalation_id, False))
                 continue
-            rec = self._open(verdict, event, fp, now)
-            active[fp] = rec
-            out.append((rec.escalation_id, True))
+            escalation_id = self._open(verdict, event, fp, now).escalation_id
+            active[fp] = escalation_id
+            out.append((escalation_id, True))
         for escalation_id, joined in joining.items():
             self.store.join_escalation(escalation_id, joined, now)
         return out
@@ -132,6 +144,8 @@ class EscalationDesk:
 
     def announce(self, escalation_id: str) -> None:
         """Notify the route's webhooks that an escalation opened (after its commit)."""
+        if not self._webhooks:
+            return
         rec = self.store.get_escalation(escalation_id)
         if rec is not None:
             self._notify(rec, self._route(rec).webhooks, "opened")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import datetime
@@ -78,7 +78,39 @@ class EscalationStore:
 
         def transaction(self) -> AbstractContextManager[duckdb.DuckDBPyConnection]: ...
 
+        def after_commit(self, hook: Callable[[], None]) -> None: ...
+
+    #: fingerprint -> its active escalation, and back: every check of a review/escalate verdict
+    #: asks, so it is answered from memory. Changed only by committed writes, under the write lock.
+    _active_by_fp: dict[str, str]
+    _active_fp_of: dict[str, str]
+
+    def _load_active_escalations(self) -> None:
+        self._active_by_fp, self._active_fp_of = {}, {}
+        for fp, escalation_id in self._cur().execute(
+                "SELECT fingerprint, escalation_id FROM escalations WHERE state IN "
+                "('open', 'acked', 'breached') ORDER BY created_at").fetchall():
+            self._mark_active(fp, escalation_id)
+
+    def _mark_active(self, fingerprint: str, escalation_id: str) -> None:
+        old = self._active_by_fp.get(fingerprint)
+        if old is not None:
+            self._active_fp_of.pop(old, None)
+        self._active_by_fp[fingerprint] = escalation_id
+        self._active_fp_of[escalation_id] = fingerprint
+
+    def _mark_resolved(self, escalation_id: str) -> None:
+        fp = self._active_fp_of.pop(escalation_id, None)
+        if fp is not None and self._active_by_fp.get(fp) == escalation_id:
+            del self._active_by_fp[fp]
+
     # -- escalations ----------------------------------------------------------------------------
+    def active_escalation_ids(self, fingerprints: Sequence[str]) -> dict[str, str]:
+        """The active (not resolved) escalation id of each fingerprint that has one, without a
+        query. Call it under the write lock (inside a transaction) to act on the answer."""
+        active = self._active_by_fp
+        return {fp: active[fp] for fp in fingerprints if fp in active}
+
     def open_escalation_for(self, fingerprint: str) -> EscalationRecord | None:
         """The active (not resolved) escalation of this fingerprint, if any."""
         row = self._cur().execute(
@@ -101,6 +133,8 @@ class EscalationStore:
                  rec.breaches])
             cur.execute("INSERT INTO escalation_events VALUES (?, ?, ?::JSON, ?)",
                         [rec.escalation_id, rec.decision_id, json.dumps(event), rec.created_at])
+            if rec.state in ACTIVE_STATES:
+                self.after_commit(lambda: self._mark_active(rec.fingerprint, rec.escalation_id))
 
     def open_escalations_for(self, fingerprints: Sequence[str]) -> dict[str, EscalationRecord]:
         """The active escalation of each fingerprint that has one."""
@@ -166,6 +200,7 @@ class EscalationStore:
                 "UPDATE escalations SET state = 'resolved', resolved_at = ?, resolved_by = ?, "
                 "resolution = ?::JSON, acked_at = coalesce(acked_at, ?) WHERE escalation_id = ?",
                 [at, by, _dump(resolution), at, escalation_id])
+            self.after_commit(lambda: self._mark_resolved(escalation_id))
 
     def mark_breached(self, escalation_id: str, at: datetime) -> None:
         with self.transaction() as cur:

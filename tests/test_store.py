@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from kb import (
     DecisionRecord,
     DejaError,
+    EscalationRecord,
     IncidentNotFound,
     NewIncident,
     Store,
@@ -323,3 +324,86 @@ def test_nested_transactions_commit_as_one(store: Store) -> None:
             store.add_incidents([_incident("inner 2")])
         raise ValueError("late failure")
     assert store.count_incidents() == 2
+
+
+# -- hot-path forms and in-memory mirrors ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("n", [1, 3, 200])
+def test_vectors_round_trip_exactly_at_every_batch_size(store: Store, n: int) -> None:
+    # Small batches and large ones are written by different statements; both must store the
+    # model's float32 values bit for bit.
+    rng = np.random.default_rng(n)
+    items = {f"fp-{i}": rng.standard_normal(384).astype(np.float32) for i in range(n)}
+    store.put_vectors("m", items)
+    got = store.get_vectors("m", list(items))
+    assert set(got) == set(items)
+    for key, vec in items.items():
+        np.testing.assert_array_equal(got[key], vec)
+
+
+def test_one_decision_and_a_batch_store_the_same_row(store: Store) -> None:
+    kw = {"resolution": {"action": "restart"}, "evidence": {"p": 0.5}, "actor": "ops",
+          "event": {"title": "disk full", "labels": {"host": "db-1"}}}
+    store.add_decisions([_decision("single", "review", **kw)])
+    store.add_decisions([_decision("batch-1", "review", **kw), _decision("batch-2")])
+    single, batched = store.get_decision("single"), store.get_decision("batch-1")
+    assert single is not None and batched is not None
+    skip = {"decision_id": None, "created_at": None}
+    assert {**single.__dict__, **skip} == {**batched.__dict__, **skip}
+    assert single.evidence == {"p": 0.5} and single.actor == "ops"
+
+
+def test_incidents_by_id_never_caches_a_rolled_back_row(store: Store) -> None:
+    with pytest.raises(RuntimeError), store.transaction():
+        (kb_id, _), = store.add_incidents([_incident("doomed")])
+        assert store.incidents_by_id([kb_id])[kb_id].title == "doomed"
+        raise RuntimeError("rollback")
+    assert store.incidents_by_id([kb_id]) == {}
+
+
+def test_incidents_by_id_serves_committed_rows_from_memory(store: Store) -> None:
+    ids = [i for i, _ in store.add_incidents([_incident("a"), _incident("b")])]
+    first = store.incidents_by_id(ids)
+    # Rows are never updated once written, so a second read needs no query: prove it by
+    # removing the rows behind the cache's back.
+    store.sql("DELETE FROM incidents")
+    assert store.incidents_by_id(ids) == first
+    assert store.incidents_by_id([ids[0], 10_000]) == {ids[0]: first[ids[0]]}
+
+
+def _escalation(escalation_id: str, fingerprint: str) -> EscalationRecord:
+    now = datetime.now(UTC)
+    return EscalationRecord(
+        escalation_id=escalation_id, decision_id=f"d-{escalation_id}", kind="review",
+        state="open", fingerprint=fingerprint, service="db", route={"name": "default"},
+        due_at=now, resolve_due_at=now, events=1, briefing={}, suggested_resolution=None,
+        resolution=None, policy_version=1, created_at=now, last_event_at=now, acked_at=None,
+        acked_by=None, resolved_at=None, resolved_by=None, breached_at=None, breaches=0)
+
+
+def test_active_escalations_mirror_only_committed_changes(tmp_path: Path) -> None:
+    store = Store(tmp_path / "kb.duckdb")
+    with pytest.raises(RuntimeError), store.transaction():
+        store.add_escalation(_escalation("esc-rolled-back", "fp-a"), {"title": "a"})
+        raise RuntimeError("rollback")
+    assert store.active_escalation_ids(["fp-a"]) == {}
+
+    store.add_escalation(_escalation("esc-a", "fp-a"), {"title": "a"})
+    store.add_escalation(_escalation("esc-b", "fp-b"), {"title": "b"})
+    assert store.active_escalation_ids(["fp-a", "fp-b", "fp-c"]) == {"fp-a": "esc-a",
+                                                                      "fp-b": "esc-b"}
+    with pytest.raises(RuntimeError), store.transaction():
+        store.resolve_escalation("esc-a", {"action": "x"}, "ops", datetime.now(UTC))
+        raise RuntimeError("rollback")
+    assert store.active_escalation_ids(["fp-a"]) == {"fp-a": "esc-a"}
+
+    store.resolve_escalation("esc-a", {"action": "x"}, "ops", datetime.now(UTC))
+    store.ack_escalation("esc-b", "ops", datetime.now(UTC))
+    store.mark_breached("esc-b", datetime.now(UTC))
+    assert store.active_escalation_ids(["fp-a", "fp-b"]) == {"fp-b": "esc-b"}
+    store.close()
+    # A reopened store rebuilds the mirror from the table.
+    store = Store(tmp_path / "kb.duckdb")
+    assert store.active_escalation_ids(["fp-a", "fp-b"]) == {"fp-b": "esc-b"}
+    store.close()
