@@ -18,10 +18,18 @@ best few neighbours, the raw novelty is the smallest
 - the template contradiction is the share of the neighbour's mined template (its kind's constant
   words) that the query contradicts — look-alikes differ exactly there ("VM Started"/"VM Paused").
 
-``fit`` learns ``w``, ``β`` and ``γ`` from the KB itself, without labels: it mines kinds
-(templates), then compares leave-one-fingerprint-out scores of items that have kin (familiar by
-construction) with leave-one-kind-out scores (novel by construction) and keeps the weights with
-the best separation (AUROC between the two).
+``fit`` learns ``w``, ``β`` and ``γ`` from the KB itself, without query labels: it mines kinds
+(templates) and splits them into *problems* by the resolutions operators recorded (look-alikes the
+miner merged, "action:TIME_TICK" / "action:SCREEN_ON", stay apart once resolved differently), then
+compares leave-one-fingerprint-out scores of items whose nearest neighbour is of their own problem
+(familiar by construction) with leave-one-problem-out scores (novel by construction; a look-alike
+resolved differently stays in the KB as the hardest novel case). ``w`` keeps the best separation
+(AUROC); ``β`` and ``γ`` the best separation where policies operate (partial AUROC up to
+:attr:`NoveltyScorer.OPERATING_FPR`), ties going to the stronger contradiction weight.
+Events of another length than a neighbour's template are compared by their words; whether such
+a difference makes another problem is learnt per service from KB neighbour pairs of different
+length and their resolutions (a LogHub field more is another template; an alert's optional
+labels are not).
 The familiar scores, per service, are the conformal reference that turns a raw score into a
 p-value and an α-level threshold (:mod:`novelty.calibration`).
 """
@@ -41,7 +49,7 @@ from sklearn.metrics import roc_auc_score
 from embeddings.normalize import lexical_tokens
 from novelty.calibration import Reference
 from novelty.index import VectorIndex
-from novelty.templates import TemplateMiner, contradiction, merge
+from novelty.templates import TemplateMiner, contradiction, merge, same_words
 
 __all__ = ["Item", "Neighbour", "NoveltyResult", "NoveltyScorer", "Query"]
 
@@ -50,7 +58,6 @@ GLOBAL = "*"
 #: Levels at which every result also reports its raw threshold, so a stored verdict can be
 #: re-decided under a policy with another α.
 ALPHA_GRID = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5)
-_NO_COUNTS: Counter[str] = Counter()
 
 
 @dataclass(frozen=True)
@@ -113,6 +120,8 @@ class NoveltyScorer:
     - ``max_calibration``: fingerprint groups sampled by ``fit``; bounds its cost on big KBs.
     - ``kind_similarity``: the template miner's join threshold (see :mod:`novelty.templates`).
     - ``default_threshold``: raw threshold used only while the KB has no kinds to learn from.
+    - ``prior_pairs``: weight, in neighbour pairs, of the KB-wide length habit in a service's
+      own (a service with few pairs of different length inherits the KB's).
 
     ``is_novel`` holds the false-escalation rate of familiar events near ``alpha`` (conformal,
     see :class:`novelty.calibration.Reference`).
@@ -125,15 +134,25 @@ class NoveltyScorer:
     GAMMAS = (0.0, 0.1, 0.2, 0.4, 0.8, 1.6)
     #: Neighbours (by fused similarity) whose template contradiction is weighed.
     TOP = 5
+    #: The density and contradiction weights are chosen where policies operate: the separation
+    #: counted is where at most this share of familiar events would be escalated (partial AUROC).
+    #: Whole-curve AUROC let a weight that helps the bulk of novel events hide look-alikes in the
+    #: low tail, which is where missed novelty comes from.
+    OPERATING_FPR = 0.1
+    #: Separations closer than this are a tie (a few hundred held-out items cannot tell them
+    #: apart).
+    TIE = 0.001
 
     def __init__(self, index: VectorIndex, *, candidates: int = 32, min_reference: int = 20,
                  max_calibration: int = 4000, kind_similarity: float = 0.5,
-                 default_threshold: float = 0.25, seed: int = 0) -> None:
+                 default_threshold: float = 0.25, prior_pairs: int = 2,
+                 seed: int = 0) -> None:
         self.index = index
         self.candidates = candidates
         self.min_reference = min_reference
         self.max_calibration = max_calibration
         self.default_threshold = default_threshold
+        self.prior_pairs = prior_pairs
         self.seed = seed
         self._miner = TemplateMiner(kind_similarity)
         self._fp_gid: dict[str, int] = {}
@@ -148,8 +167,14 @@ class NoveltyScorer:
         self._df: Counter[str] = Counter()
         self._seq: list[list[str]] = []
         self._kind_groups: dict[int, list[int]] = {}
-        self._kind_df: dict[int, Counter[str]] = {}
+        # A *problem* is a mined kind split by resolution: look-alikes the miner merged
+        # ("... action:TIME_TICK" / "... action:SCREEN_ON") are apart once operators resolved
+        # them differently. Groups without a resolution form their kind's problem ``None``.
+        self._problem_template: dict[tuple[int, str | None], list[str]] = {}
+        self._problem_groups: dict[tuple[int, str | None], list[int]] = {}
+        self._problem_df: dict[tuple[int, str | None], Counter[str]] = {}
         self._lock = threading.RLock()
+        self._idf: tuple[int, dict[str, float]] = (0, {})
         # Learned by fit(); usable defaults until then.
         self.weight_ = 0.5
         self.beta_ = 0.0
@@ -159,6 +184,8 @@ class NoveltyScorer:
         self.fallback_threshold_ = default_threshold
         self.separation_ = math.nan
         self.fitted_groups_ = 0
+        #: Per service (and "*"): the contradiction a length difference adds (see fit).
+        self.length_penalty_: dict[str, float] = {}
 
     # -- growing the KB ----------------------------------------------------------------------------
     @property
@@ -186,7 +213,7 @@ class NoveltyScorer:
                     new_reps.append(item.kb_id)
                 self._members[gid].append(item.kb_id)
                 if item.resolution_key is not None:
-                    self._resolutions[gid][item.resolution_key] += 1
+                    self._add_resolution(gid, item.resolution_key)
             if vectors is not None and new_rows:
                 fresh = np.ascontiguousarray(vectors[new_rows], dtype=np.float32)
                 self.index.add(np.asarray(new_reps, dtype=np.int64), fresh)
@@ -197,8 +224,46 @@ class NoveltyScorer:
         with self._lock:
             for gid, members in enumerate(self._members):
                 if kb_id in members:
-                    self._resolutions[gid][resolution_key] += 1
+                    self._add_resolution(gid, resolution_key)
                     return
+
+    def _add_resolution(self, gid: int, key: str) -> None:
+        first = not self._resolutions[gid]
+        self._resolutions[gid][key] += 1
+        if self._resolutions[gid][key] == 1:
+            if first:
+                self._leave_problem(gid, (self._kind[gid], None))
+            self._join_problem(gid, (self._kind[gid], key))
+
+    def _join_problem(self, gid: int, problem: tuple[int, str | None]) -> None:
+        seq = self._seq[gid]
+        template = self._problem_template.get(problem)
+        self._problem_template[problem] = merge([template, seq]) if template else list(seq)
+        self._problem_groups.setdefault(problem, []).append(gid)
+        self._problem_df.setdefault(problem, Counter()).update(self._tokens[gid])
+
+    def _leave_problem(self, gid: int, problem: tuple[int, str | None]) -> None:
+        groups = self._problem_groups.get(problem, [])
+        if gid not in groups:
+            return
+        groups.remove(gid)
+        self._problem_df[problem].subtract(self._tokens[gid])
+        if groups:
+            self._problem_template[problem] = merge([self._seq[g] for g in groups])
+        else:
+            del self._problem_template[problem], self._problem_groups[problem]
+            del self._problem_df[problem]
+
+    def _problem(self, gid: int) -> tuple[int, str | None]:
+        top = self._resolutions[gid].most_common(1)
+        return self._kind[gid], top[0][0] if top else None
+
+    def _related(self, a: int, b: int) -> bool:
+        """The same problem: sharing a resolution when both carry one, else the same kind."""
+        ra, rb = self._resolutions[a], self._resolutions[b]
+        if ra and rb:
+            return bool(ra.keys() & rb.keys())
+        return self._kind[a] == self._kind[b]
 
     def _new_group(self, item: Item) -> int:
         gid = len(self._rep)
@@ -214,10 +279,10 @@ class NoveltyScorer:
         self._seq.append(seq)
         self._kind.append(kind)
         self._kind_groups.setdefault(kind, []).append(gid)
-        self._kind_df.setdefault(kind, Counter()).update(tokens)
         self._members.append([])
         self._resolutions.append(Counter())
         self._rho.append(math.nan)
+        self._join_problem(gid, (kind, None))
         return gid
 
     def _lexical(self, a: frozenset[str], b: frozenset[str],
@@ -233,13 +298,28 @@ class NoveltyScorer:
             return 1.0
         df = self._df
         total = len(self._rep) + 1
-        minus = held_out if held_out is not None else _NO_COUNTS
+        if held_out is None:
+            # Checks: the KB's weights, memoised until the KB grows (a check weighs ~30
+            # neighbours' tokens, mostly the same few hundred words).
+            # Swapped whole, so a check still weighing with the old size fills a dropped dict.
+            size, cache = self._idf
+            if size != total:
+                cache = {}
+                self._idf = (total, cache)
 
-        def idf(t: str) -> float:
-            count = df.get(t, 0)
-            if count and minus.get(t, 0) >= count:
-                count = 0
-            return math.log(total / (count + 1)) + 1.0
+            def idf(t: str) -> float:
+                w = cache.get(t)
+                if w is None:
+                    w = cache[t] = math.log(total / (df.get(t, 0) + 1)) + 1.0
+                return w
+        else:
+            minus = held_out
+
+            def idf(t: str) -> float:
+                count = df.get(t, 0)
+                if count and minus.get(t, 0) >= count:
+                    count = 0
+                return math.log(total / (count + 1)) + 1.0
 
         inter = sum(idf(t) for t in a & b)
         return inter / (inter + sum(idf(t) for t in a ^ b))
@@ -278,10 +358,10 @@ class NoveltyScorer:
                 return self
             rng = np.random.default_rng(self.seed)
             sample = np.sort(rng.choice(n, size=min(n, self.max_calibration), replace=False))
-            kind_sizes = Counter(self._kind)
             vecs = self.index.reconstruct(np.asarray([self._rep[g] for g in sample]))
             cands = self._candidates(vecs, min(n, 4 * self.candidates + 1))
-            pos, neg = self._loo_sets(sample, cands, kind_sizes)
+            self.length_penalty_ = self._learn_length_penalty(sample, cands)
+            pos, neg = self._loo_sets(sample, cands)
             self.weight_ = self._best_weight([x for x in pos if x.has_kin], neg)
             if n <= 20_000:
                 self._recompute_density()
@@ -294,36 +374,88 @@ class NoveltyScorer:
             self.fitted_groups_ = n
             return self
 
-    def _loo_sets(self, sample: npt.NDArray[np.int64], cands: list[list[tuple[int, float]]],
-                  kind_sizes: Counter[int]) -> tuple[list[_Loo], list[_Loo]]:
-        """Leave-one-fingerprint-out (items with kin) and leave-one-kind-out candidate lists."""
+    def _loo_sets(self, sample: npt.NDArray[np.int64], cands: list[list[tuple[int, float]]]
+                  ) -> tuple[list[_Loo], list[_Loo]]:
+        """Leave-one-fingerprint-out (familiar by construction) and leave-one-problem-out
+        (novel by construction) candidate lists; a look-alike resolved differently stays in
+        the second, as the hardest kind of novel event."""
         pos: list[_Loo] = []
         neg: list[_Loo] = []
         for g, row in zip(sample.tolist(), cands, strict=True):
-            kind = self._kind[g]
+            problem = self._problem(g)
             mine = self._tokens[g]
             seq = self._seq[g]
             alone = Counter(mine)
-            without_kind = self._kind_df[kind]
             near = [(o, c) for o, c in row if o != g][: self.candidates]
             if near:
-                # The held-out item's own kind is judged by the template of its other members.
-                own = [self._seq[m] for m in self._kind_groups[kind] if m != g]
+                # The held-out item is judged by the template of its problem's other members.
+                own = [self._seq[m] for m in self._problem_groups[problem] if m != g]
                 own_template = merge(own) if own else None
                 pos.append(_Loo(
                     g, near, [self._lexical(mine, self._tokens[o], alone) for o, _ in near],
-                    [contradiction(seq, own_template) if self._kind[o] == kind and own_template
+                    [contradiction(seq, own_template)
+                     if own_template and self._problem(o) == problem
                      else self._contradiction(seq, o) for o, _ in near],
-                    kind_sizes[kind] >= 2))
-            far = [(o, c) for o, c in row if self._kind[o] != kind][: self.candidates]
+                    len(own) >= 1))
+            far = [(o, c) for o, c in row if not self._related(g, o)][: self.candidates]
             if far:
-                lex = [self._lexical(mine, self._tokens[o], without_kind) for o, _ in far]
+                held_out = self._problem_df[problem]
+                lex = [self._lexical(mine, self._tokens[o], held_out) for o, _ in far]
                 neg.append(_Loo(g, far, lex, [self._contradiction(seq, o) for o, _ in far],
                                 False))
         return pos, neg
 
     def _contradiction(self, seq: list[str], gid: int) -> float:
-        return contradiction(seq, self._miner.templates[self._kind[gid]])
+        template = self._problem_template[self._problem(gid)]
+        if len(seq) == len(template):
+            return contradiction(seq, template)
+        if same_words(seq, template, self._seq[gid]):
+            return 0.0
+        m = contradiction(seq, template)
+        p = self.length_penalty_.get(self._service[gid] or GLOBAL,
+                                     self.length_penalty_.get(GLOBAL, 0.0))
+        # Mostly resolved apart: another structure is another template, as in Drain.
+        return 1.0 if p > 0.5 else m
+
+    def _learn_length_penalty(self, sample: npt.NDArray[np.int64],
+                              cands: list[list[tuple[int, float]]]) -> dict[str, float]:
+        """Per service: how often a near look-alike of another length is another problem.
+
+        Mined kinds never span lengths, so the KB's own resolutions decide: for each item, its
+        nearest neighbour of another length whose words differ (not a list that only grew) but
+        which lacks at most half of the item's template words. When
+        such pairs were mostly resolved differently (LogHub's ``... rhost=<IP>`` vs
+        ``... rhost=<IP> user=root``), another structure counts as full contradiction, as in
+        Drain; when they mostly share a resolution (an alert whose optional labels come and go),
+        the lenient share of :func:`novelty.templates.contradiction` is used.
+        """
+        same: Counter[str] = Counter()
+        diff: Counter[str] = Counter()
+        for g, row in zip(sample.tolist(), cands, strict=True):
+            mine = self._resolutions[g]
+            if not mine:
+                continue
+            length = len(self._seq[g])
+            for o, _ in row:
+                if o == g or len(self._seq[o]) == length or not self._resolutions[o]:
+                    continue
+                template = self._problem_template[self._problem(o)]
+                if same_words(self._seq[g], template, self._seq[o]):
+                    continue
+                if contradiction(self._seq[g], template) > 0.5:
+                    break
+                shared = bool(mine.keys() & self._resolutions[o].keys())
+                for name in {self._service[g] or GLOBAL, GLOBAL}:
+                    (same if shared else diff)[name] += 1
+                break
+        # Beta(1, 1) overall; each service shrunk towards the overall rate with the weight of
+        # ``prior_pairs`` pairs, so a service with few pairs inherits the KB's habit.
+        overall = (diff[GLOBAL] + 1.0) / (same[GLOBAL] + diff[GLOBAL] + 2.0)
+        m = self.prior_pairs
+        out = {name: (diff[name] + m * overall) / (same[name] + diff[name] + m)
+               for name in set(same) | set(diff) if name != GLOBAL}
+        out[GLOBAL] = overall
+        return out
 
     def _best_weight(self, pos: list[_Loo], neg: list[_Loo]) -> float:
         if not pos or not neg:
@@ -359,7 +491,8 @@ class NoveltyScorer:
         best_b, best_auc = 0.0, -1.0
         for b in self.BETAS:
             auc = _auroc([x.raw(w, self._factor, b, 0.0, self.TOP)[0] for x in pos],
-                         [x.raw(w, self._factor, b, 0.0, self.TOP)[0] for x in neg])
+                         [x.raw(w, self._factor, b, 0.0, self.TOP)[0] for x in neg],
+                         self.OPERATING_FPR)
             if auc > best_auc + 1e-9:
                 best_b, best_auc = b, auc
         self.separation_ = best_auc
@@ -367,27 +500,36 @@ class NoveltyScorer:
 
     def _best_gamma(self, pos: list[_Loo], neg: list[_Loo]) -> float:
         if not pos or not neg:
-            return 0.0
+            # Nothing to learn from (every problem seen once): contradiction keeps a middle
+            # weight rather than none, as the look-alike guard.
+            return self.GAMMAS[len(self.GAMMAS) // 2]
         w, b = self.weight_, self.beta_
-        best_g, best_auc = 0.0, -1.0
+        part: dict[float, float] = {}
+        whole: dict[float, float] = {}
         for g in self.GAMMAS:
-            auc = _auroc([x.raw(w, self._factor, b, g, self.TOP)[0] for x in pos],
-                         [x.raw(w, self._factor, b, g, self.TOP)[0] for x in neg])
-            if auc > best_auc + 1e-9:
-                best_g, best_auc = g, auc
-        self.separation_ = best_auc
-        return best_g
+            p = [x.raw(w, self._factor, b, g, self.TOP)[0] for x in pos]
+            n = [x.raw(w, self._factor, b, g, self.TOP)[0] for x in neg]
+            part[g], whole[g] = _auroc(p, n, self.OPERATING_FPR), _auroc(p, n)
+        # Separation where policies operate first, then over the whole curve; among ties the
+        # strongest weight: the held-out kinds of a small KB rarely include look-alikes, so a
+        # tie says "no evidence against", and contradiction is the guard against them.
+        tied = [g for g in self.GAMMAS if part[g] >= max(part.values()) - self.TIE]
+        best = max(whole[g] for g in tied)
+        gamma = max(g for g in tied if whole[g] >= best - self.TIE)
+        self.separation_ = part[gamma]
+        return gamma
 
     def _kin(self, pos: list[_Loo]) -> list[_Loo]:
-        """Held-out items whose nearest neighbour is kin: a member of the same mined template.
+        """Held-out items whose nearest neighbour is kin: of the same problem (same resolution
+        where both carry one, else the same mined template).
 
-        The rest are singletons of their kind (or the miner's kin did not help find them), and
+        The rest are singletons of their problem (or the miner's kin did not help find them), and
         say nothing about how close a fresh member of a known kind lands. Mutual nearest
         neighbours were tried as kin too: look-alike singletons pair up and the reference then
         absorbs novel-looking scores (missed novelty on LogHub rose from 10% to 28%).
         """
         return [x for x in pos
-                if x.has_kin and self._kind[x.distance(self.weight_)[1]] == self._kind[x.gid]]
+                if x.has_kin and self._related(x.distance(self.weight_)[1], x.gid)]
 
     def _set_references(self, pos: list[_Loo], neg: list[_Loo]) -> None:
         w, b, g = self.weight_, self.beta_, self.gamma_
@@ -569,10 +711,12 @@ def _combine(top: list[tuple[float, int, float]], factor: Callable[[int, float],
     return (best, arg) if arg >= 0 else (1.0, -1)
 
 
-def _auroc(pos: list[float], neg: list[float]) -> float:
-    """How well raw scores put held-out kinds (neg: novel) above held-out kin (pos: familiar)."""
+def _auroc(pos: list[float], neg: list[float], max_fpr: float | None = None) -> float:
+    """How well raw scores put held-out kinds (neg: novel) above held-out kin (pos: familiar);
+    with ``max_fpr``, only where at most that share of familiar scores is above the cut
+    (McClish-standardised partial AUROC)."""
     y = np.r_[np.zeros(len(pos)), np.ones(len(neg))]
-    return float(roc_auc_score(y, np.r_[pos, neg]))
+    return float(roc_auc_score(y, np.r_[pos, neg], max_fpr=max_fpr))
 
 
 def _p_value(ref: Reference | None, raw: float) -> float:

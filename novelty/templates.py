@@ -9,7 +9,7 @@ look-alikes such as "VM Started" / "VM Paused" apart.
 
 from __future__ import annotations
 
-__all__ = ["TemplateMiner", "contradiction", "merge"]
+__all__ = ["TemplateMiner", "contradiction", "merge", "same_words"]
 
 _WILD = "<*>"
 
@@ -67,11 +67,10 @@ def contradiction(tokens: list[str], template: list[str]) -> float:
 
     Look-alike events differ from a known kind in a word the kind never varies ("Acquiring" vs
     "Releasing suspend blocker …"); fresh members differ only where it does (``<*>``). When the
-    lengths differ (an optional label more or less), positions cannot be compared: the share of
-    the template's constant words that the event lacks, plus the difference in length, is used
-    instead. (Counting any other length as full contradiction, as Drain's templates would,
-    scored alike on LogHub but escalated 27% of fresh alert variants, whose optional label
-    lists change their length.)
+    lengths differ, positions cannot be compared: the share of the template's constant words
+    that the event lacks, plus the difference in length, is used instead; whether such a
+    difference makes another problem depends on the source, and the scorer learns that per
+    service (:meth:`novelty.scorer.NoveltyScorer.fit`).
     """
     if not template:
         return 0.0 if not tokens else 1.0
@@ -83,3 +82,18 @@ def contradiction(tokens: list[str], template: list[str]) -> float:
         return min(1.0, (missing + extra) / max(len(template), len(tokens)))
     return sum(1 for t, q in zip(template, tokens, strict=True) if t not in (_WILD, q)) \
         / len(template)
+
+
+def same_words(tokens: list[str], template: list[str], example: list[str]) -> bool:
+    """Whether an event of another length uses exactly the words of a kind: its template's
+    constants plus those of ``example`` (a member, standing for the words its ``<*>`` took),
+    words being tokens without a masked value. Then only a list grew or shrank
+    (``delete blk_<NUM> blk_<NUM> …``); a field more or less (``… rhost=<IP> user=root``) is
+    another structure.
+    """
+    kind = {t for t in template if t != _WILD} | set(example)
+    return _words(set(tokens)) == _words(kind)
+
+
+def _words(tokens: set[str]) -> set[str]:
+    return {t for t in tokens if "<" not in t}

@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from embeddings import HashingEncoder, fingerprint, mask
 from novelty import Item, NoveltyResult, NoveltyScorer, Query, VectorIndex
 from novelty.calibration import Reference
-from novelty.templates import TemplateMiner, contradiction, merge
+from novelty.templates import TemplateMiner, contradiction, merge, same_words
 
 Vec = npt.NDArray[np.float32]
 
@@ -319,6 +319,71 @@ def test_fresh_members_of_known_kinds_are_escalated_at_about_alpha() -> None:
         "Payment provider webhook signature mismatch", "Badge reader rejected a valid card")],
         alpha=0.05)
     assert all(r.is_novel for r in unrelated)
+
+
+def _kb(texts_and_keys: Sequence[tuple[str, str | None]], service: str = "svc"
+        ) -> tuple[NoveltyScorer, HashingEncoder]:
+    encoder = HashingEncoder(384)
+    texts = [mask(t) for t, _ in texts_and_keys]
+    items = [Item(i + 1, fingerprint(t), t, service, key)
+             for i, (t, (_, key)) in enumerate(zip(texts, texts_and_keys, strict=True))]
+    scorer = NoveltyScorer(VectorIndex(384), min_reference=5)
+    scorer.add(items, encoder.encode(texts))
+    return scorer.fit(), encoder
+
+
+def _score(scorer: NoveltyScorer, encoder: HashingEncoder, text: str,
+           service: str = "svc") -> NoveltyResult:
+    t = mask(text)
+    return _one(scorer, encoder.encode([t])[0], fingerprint(t), t, service=service)
+
+
+def test_a_look_alike_the_miner_merged_is_apart_once_resolved_differently() -> None:
+    """One mined template ("broadcast action:<*>"), two problems by their resolutions: a third
+    action contradicts the template of the problem it is nearest to, so it is not familiar."""
+    kb = [(f"broadcast action:SCREEN_ON from {u}", "screen") for u in _NATO[:6]] + \
+         [(f"broadcast action:SCREEN_OFF from {u}", "dim") for u in _NATO[6:12]]
+    scorer, encoder = _kb(kb)
+    fresh = _score(scorer, encoder, f"broadcast action:SCREEN_ON from {_NATO[-2]}")
+    other = _score(scorer, encoder, f"broadcast action:TIME_TICK from {_NATO[-1]}")
+    assert fresh.components["template_contradiction"] == 0.0
+    assert other.components["template_contradiction"] > 0.0
+    assert other.raw > fresh.raw
+    # Without resolutions the two are one kind whose action varies: no contradiction.
+    plain, enc = _kb([(t, None) for t, _ in kb])
+    assert _score(plain, enc, f"broadcast action:TIME_TICK from {_NATO[-1]}"
+                  ).components["template_contradiction"] == 0.0
+
+
+def _auth_kb(extra_resolution: str) -> tuple[NoveltyScorer, HashingEncoder]:
+    """Login failures with and without a trailing field, resolved alike or apart."""
+    kb: list[tuple[str, str | None]] = []
+    for i, u in enumerate(_NATO[:12]):
+        kb.append((f"auth failure for {u} rhost {_HOSTS[i]}", "lock"))
+        kb.append((f"auth failure for {u} rhost {_HOSTS[i + 20]} user root", extra_resolution))
+    return _kb(kb)
+
+
+def test_the_meaning_of_another_length_is_learnt_from_resolutions() -> None:
+    apart, enc = _auth_kb("audit-root")
+    alike, enc2 = _auth_kb("lock")
+    assert apart.length_penalty_["svc"] > 0.5 > alike.length_penalty_["svc"]
+    query = f"auth failure for {_NATO[-1]} rhost {_HOSTS[50]} user admin"
+    # The nearest kind may be either length; against the shorter one the extra field is full
+    # contradiction where the KB resolved such pairs apart, and lenient where it did not.
+    shorter = apart._problem_template[apart._problem(0)]
+    assert len(shorter) != len(mask(query).split())
+    assert apart._contradiction(mask(query).split(), 0) == 1.0
+    assert alike._contradiction(mask(query).split(), 0) < 0.5
+    assert _score(apart, enc, query).raw >= _score(alike, enc2, query).raw
+
+
+def test_a_list_that_only_grew_is_not_another_structure() -> None:
+    template = ["delete", "<*>"]
+    assert same_words(["delete", "blk_<NUM>", "blk_<NUM>", "blk_<NUM>"], template,
+                      ["delete", "blk_<NUM>"])
+    assert not same_words(["delete", "blk_<NUM>", "user=root"], template, ["delete", "blk_<NUM>"])
+    assert not same_words(["delete"] * 3, ["delete", "now"], ["delete", "now"])
 
 
 # -- conformal reference --------------------------------------------------------------------------
