@@ -49,7 +49,7 @@ from sklearn.metrics import roc_auc_score
 from embeddings.normalize import lexical_tokens
 from novelty.calibration import Reference
 from novelty.index import VectorIndex
-from novelty.templates import TemplateMiner, contradiction, merge, same_words
+from novelty.templates import TemplateMiner, contradiction, merge, same_words, words
 
 __all__ = ["Item", "Neighbour", "NoveltyResult", "NoveltyScorer", "Query"]
 
@@ -167,6 +167,8 @@ class NoveltyScorer:
         self._df: Counter[str] = Counter()
         self._seq: list[list[str]] = []
         self._kind_groups: dict[int, list[int]] = {}
+        self._top_key: list[str | None] = []
+        self._words: list[frozenset[str]] = []
         # A *problem* is a mined kind split by resolution: look-alikes the miner merged
         # ("... action:TIME_TICK" / "... action:SCREEN_ON") are apart once operators resolved
         # them differently. Groups without a resolution form their kind's problem ``None``.
@@ -174,7 +176,7 @@ class NoveltyScorer:
         self._problem_groups: dict[tuple[int, str | None], list[int]] = {}
         self._problem_df: dict[tuple[int, str | None], Counter[str]] = {}
         self._lock = threading.RLock()
-        self._idf: tuple[int, dict[str, float]] = (0, {})
+        self._idf: tuple[int, dict[str, float], dict[int, float]] = (0, {}, {})
         # Learned by fit(); usable defaults until then.
         self.weight_ = 0.5
         self.beta_ = 0.0
@@ -230,6 +232,7 @@ class NoveltyScorer:
     def _add_resolution(self, gid: int, key: str) -> None:
         first = not self._resolutions[gid]
         self._resolutions[gid][key] += 1
+        self._top_key[gid] = self._resolutions[gid].most_common(1)[0][0]
         if self._resolutions[gid][key] == 1:
             if first:
                 self._leave_problem(gid, (self._kind[gid], None))
@@ -255,8 +258,7 @@ class NoveltyScorer:
             del self._problem_df[problem]
 
     def _problem(self, gid: int) -> tuple[int, str | None]:
-        top = self._resolutions[gid].most_common(1)
-        return self._kind[gid], top[0][0] if top else None
+        return self._kind[gid], self._top_key[gid]
 
     def _related(self, a: int, b: int) -> bool:
         """The same problem: sharing a resolution when both carry one, else the same kind."""
@@ -281,48 +283,57 @@ class NoveltyScorer:
         self._kind_groups.setdefault(kind, []).append(gid)
         self._members.append([])
         self._resolutions.append(Counter())
+        self._top_key.append(None)
+        self._words.append(words(seq))
         self._rho.append(math.nan)
         self._join_problem(gid, (kind, None))
         return gid
 
-    def _lexical(self, a: frozenset[str], b: frozenset[str],
-                 held_out: Counter[str] | None = None) -> float:
-        """IDF-weighted Jaccard of masked token sets: sharing a rare word counts for more than
-        sharing a common one, and a word the KB has never seen weighs most when it differs.
+    def _lexical(self, a: frozenset[str], others: Sequence[int],
+                 held_out: Counter[str] | None = None) -> list[float]:
+        """IDF-weighted Jaccard of the masked token set ``a`` with each of the groups
+        ``others``: sharing a rare word counts for more than sharing a common one, and a word the
+        KB has never seen weighs most when it differs.
 
         ``held_out`` (the held-out items' document frequencies) says which words only they use:
         those count as never seen, as a new event's own words would be. Shared words keep the
-        KB's counts, which a new event meets too.
+        KB's counts, which a new event meets too (a word only held-out items use is in none of
+        ``others``, which are never held out).
+
+        Computed as ``Σ∩ / (Σa + Σb − Σ∩)``: each group's total weight is kept until the KB
+        grows, so a pair costs one set intersection.
         """
-        if not a and not b:
-            return 1.0
         df = self._df
         total = len(self._rep) + 1
+        # Swapped whole when the KB grows, so a check still weighing with the old size fills a
+        # dropped cache.
+        size, idf, sums = self._idf
+        if size != total:
+            idf, sums = {}, {}
+            self._idf = (total, idf, sums)
+
+        def weight(t: str) -> float:
+            x = idf.get(t)
+            if x is None:
+                x = idf[t] = math.log(total / (df.get(t, 0) + 1)) + 1.0
+            return x
+
         if held_out is None:
-            # Checks: the KB's weights, memoised until the KB grows (a check weighs ~30
-            # neighbours' tokens, mostly the same few hundred words).
-            # Swapped whole, so a check still weighing with the old size fills a dropped dict.
-            size, cache = self._idf
-            if size != total:
-                cache = {}
-                self._idf = (total, cache)
-
-            def idf(t: str) -> float:
-                w = cache.get(t)
-                if w is None:
-                    w = cache[t] = math.log(total / (df.get(t, 0) + 1)) + 1.0
-                return w
+            wa = sum(weight(t) for t in a)
         else:
-            minus = held_out
-
-            def idf(t: str) -> float:
-                count = df.get(t, 0)
-                if count and minus.get(t, 0) >= count:
-                    count = 0
-                return math.log(total / (count + 1)) + 1.0
-
-        inter = sum(idf(t) for t in a & b)
-        return inter / (inter + sum(idf(t) for t in a ^ b))
+            unseen = math.log(total) + 1.0
+            wa = sum(unseen if 0 < df.get(t, 0) <= held_out.get(t, 0) else weight(t) for t in a)
+        out = []
+        tokens = self._tokens
+        for o in others:
+            b = tokens[o]
+            wb = sums.get(o)
+            if wb is None:
+                wb = sums[o] = sum(weight(t) for t in b)
+            inter = sum(weight(t) for t in a & b)
+            union = wa + wb - inter
+            out.append(inter / union if union > 0 else 1.0)
+        return out
 
     def _candidates(self, vectors: Vector, k: int) -> list[list[tuple[int, float]]]:
         sims, ids = self.index.search(vectors, k)
@@ -335,11 +346,10 @@ class NoveltyScorer:
         w = self.weight_
         for gid, cands in zip(gids, self._candidates(vectors, self.candidates + 1), strict=True):
             best = math.inf
-            for other, cos in cands:
-                if other == gid:
-                    continue
-                d = 1.0 - (w * cos + (1 - w) * self._lexical(self._tokens[gid],
-                                                              self._tokens[other]))
+            others = [(o, c) for o, c in cands if o != gid]
+            lex = self._lexical(self._tokens[gid], [o for o, _ in others])
+            for (other, cos), lx in zip(others, lex, strict=True):
+                d = 1.0 - (w * cos + (1 - w) * lx)
                 best = min(best, d)
                 if not self._rho[other] <= d:
                     self._rho[other] = d
@@ -392,7 +402,7 @@ class NoveltyScorer:
                 own = [self._seq[m] for m in self._problem_groups[problem] if m != g]
                 own_template = merge(own) if own else None
                 pos.append(_Loo(
-                    g, near, [self._lexical(mine, self._tokens[o], alone) for o, _ in near],
+                    g, near, self._lexical(mine, [o for o, _ in near], alone),
                     [contradiction(seq, own_template)
                      if own_template and self._problem(o) == problem
                      else self._contradiction(seq, o) for o, _ in near],
@@ -400,7 +410,7 @@ class NoveltyScorer:
             far = [(o, c) for o, c in row if not self._related(g, o)][: self.candidates]
             if far:
                 held_out = self._problem_df[problem]
-                lex = [self._lexical(mine, self._tokens[o], held_out) for o, _ in far]
+                lex = self._lexical(mine, [o for o, _ in far], held_out)
                 neg.append(_Loo(g, far, lex, [self._contradiction(seq, o) for o, _ in far],
                                 False))
         return pos, neg
@@ -409,7 +419,7 @@ class NoveltyScorer:
         template = self._problem_template[self._problem(gid)]
         if len(seq) == len(template):
             return contradiction(seq, template)
-        if same_words(seq, template, self._seq[gid]):
+        if same_words(words(seq), template, self._words[gid]):
             return 0.0
         m = contradiction(seq, template)
         p = self.length_penalty_.get(self._service[gid] or GLOBAL,
@@ -440,7 +450,7 @@ class NoveltyScorer:
                 if o == g or len(self._seq[o]) == length or not self._resolutions[o]:
                     continue
                 template = self._problem_template[self._problem(o)]
-                if same_words(self._seq[g], template, self._seq[o]):
+                if same_words(self._words[g], template, self._words[o]):
                     continue
                 if contradiction(self._seq[g], template) > 0.5:
                     break
@@ -591,12 +601,12 @@ class NoveltyScorer:
         exact = self._fp_gid.get(q.fingerprint)
         scored: list[tuple[float, float, float, int]] = []
         seen = False
-        for gid, cos in row:
+        lexical = self._lexical(tokens, [gid for gid, _ in row])
+        for (gid, cos), lex in zip(row, lexical, strict=True):
             if gid == exact:
                 seen = True
                 scored.append((1.0, 1.0, 1.0, gid))
             else:
-                lex = self._lexical(tokens, self._tokens[gid])
                 scored.append((w * cos + (1 - w) * lex, cos, lex, gid))
         if exact is not None and not seen:
             scored.append((1.0, 1.0, 1.0, exact))

@@ -9,7 +9,9 @@ look-alikes such as "VM Started" / "VM Paused" apart.
 
 from __future__ import annotations
 
-__all__ = ["TemplateMiner", "contradiction", "merge", "same_words"]
+from collections.abc import Iterable
+
+__all__ = ["TemplateMiner", "contradiction", "merge", "same_words", "words"]
 
 _WILD = "<*>"
 
@@ -84,16 +86,15 @@ def contradiction(tokens: list[str], template: list[str]) -> float:
         / len(template)
 
 
-def same_words(tokens: list[str], template: list[str], example: list[str]) -> bool:
-    """Whether an event of another length uses exactly the words of a kind: its template's
-    constants plus those of ``example`` (a member, standing for the words its ``<*>`` took),
-    words being tokens without a masked value. Then only a list grew or shrank
-    (``delete blk_<NUM> blk_<NUM> …``); a field more or less (``… rhost=<IP> user=root``) is
-    another structure.
+def same_words(tokens: frozenset[str], template: list[str], example: frozenset[str]) -> bool:
+    """Whether an event of another length uses exactly the words (:func:`words`) of a kind:
+    its template's constants plus those of ``example`` (a member, standing for the words its
+    ``<*>`` took). Then only a list grew or shrank (``delete blk_<NUM> blk_<NUM> …``); a field
+    more or less (``… rhost=<IP> user=root``) is another structure.
     """
-    kind = {t for t in template if t != _WILD} | set(example)
-    return _words(set(tokens)) == _words(kind)
+    return tokens == example | words(t for t in template if t != _WILD)
 
 
-def _words(tokens: set[str]) -> set[str]:
-    return {t for t in tokens if "<" not in t}
+def words(tokens: Iterable[str]) -> frozenset[str]:
+    """The tokens that carry no masked value."""
+    return frozenset(t for t in tokens if "<" not in t)

@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from embeddings import HashingEncoder, fingerprint, mask
 from novelty import Item, NoveltyResult, NoveltyScorer, Query, VectorIndex
 from novelty.calibration import Reference
-from novelty.templates import TemplateMiner, contradiction, merge, same_words
+from novelty.templates import TemplateMiner, contradiction, merge, same_words, words
 
 Vec = npt.NDArray[np.float32]
 
@@ -380,10 +380,11 @@ def test_the_meaning_of_another_length_is_learnt_from_resolutions() -> None:
 
 def test_a_list_that_only_grew_is_not_another_structure() -> None:
     template = ["delete", "<*>"]
-    assert same_words(["delete", "blk_<NUM>", "blk_<NUM>", "blk_<NUM>"], template,
-                      ["delete", "blk_<NUM>"])
-    assert not same_words(["delete", "blk_<NUM>", "user=root"], template, ["delete", "blk_<NUM>"])
-    assert not same_words(["delete"] * 3, ["delete", "now"], ["delete", "now"])
+    member = words(["delete", "blk_<NUM>"])
+    assert member == {"delete"}
+    assert same_words(words(["delete", "blk_<NUM>", "blk_<NUM>", "blk_<NUM>"]), template, member)
+    assert not same_words(words(["delete", "blk_<NUM>", "user=root"]), template, member)
+    assert not same_words(words(["delete"] * 3), ["delete", "now"], words(["delete", "now"]))
 
 
 # -- conformal reference --------------------------------------------------------------------------
