@@ -37,8 +37,10 @@ lint: install
 	$(VENV)/bin/ruff check kb embeddings novelty api handoff tests bench
 	$(VENV)/bin/mypy
 
+# Quality (LogHub + alert scenarios, 3 seeds, ~20 min), then speed (~20 min, wants a quiet machine).
 bench: install
 	HF_HUB_OFFLINE=1 $(PY) -m bench.quality --out bench/results --seeds 0 1 2
+	HF_HUB_OFFLINE=1 $(PY) -m bench.perf --out bench/results
 
 screenshot: install system-deps
 	HF_HUB_OFFLINE=1 $(PY) -m bench.screenshot --out bench/results/dashboard.png

@@ -279,6 +279,22 @@ def backtest(version: Annotated[int, typer.Option(help="Policy version to try.")
     typer.echo(json.dumps(report, indent=2, default=str))
 
 
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def bench(ctx: typer.Context,
+          quality: Annotated[bool, typer.Option(
+              "--quality", help="The quality benchmark (LogHub + alert scenarios) instead of "
+                                "the speed one.")] = False) -> None:
+    """Run the speed benchmark (bench/perf.py; --json prints its JSON document, --quick a smoke
+    run), or with --quality the quality benchmark; other options go to the benchmark."""
+    try:
+        from bench import perf as speed
+        from bench import quality as accuracy
+    except ModuleNotFoundError as exc:  # an installed wheel without the repository's bench/
+        typer.echo(f"error: the benchmarks run from a Deja checkout ({exc})", err=True)
+        raise typer.Exit(2) from exc
+    raise typer.Exit((accuracy.main if quality else speed.main)(list(ctx.args)))
+
+
 @app.command("backup")
 def backup_cmd(data_dir: Annotated[Path, typer.Argument(help="Data dir to back up.")],
                out: Annotated[Path, typer.Argument(help="Empty directory for the backup.")]
