@@ -189,10 +189,11 @@ def _prepare_batch(batch: pa.Table) -> pa.Table:
 
 # -- stage 4: embed -------------------------------------------------------------------------------
 def make_encoder(settings: Settings) -> Encoder:
-    """The encoder :meth:`Deja.open` builds for these settings (``DEJA_MODEL``)."""
-    from embeddings import SentenceTransformerEncoder
+    """The encoder :meth:`Deja.open` builds for these settings (``DEJA_MODEL``,
+    ``DEJA_EMBEDDER``)."""
+    from embeddings import create_encoder
 
-    return SentenceTransformerEncoder(settings.model)
+    return create_encoder(settings.model, settings.embedder, cache_dir=settings.model_cache_dir)
 
 
 class EmbedBatch:

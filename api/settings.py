@@ -20,9 +20,11 @@ class Settings(BaseSettings):
     port: int = 8000
     #: Any sentence-transformers model path or name; the default is the packaged, verified one.
     model: str = DEFAULT_MODEL
-    #: Runtime of the model: ``torch`` (sentence-transformers), ``onnx`` (ONNX Runtime, the same
-    #: vectors) or ``onnx-int8`` (quantised: its own vector space, so its own index).
-    embedder: Literal["torch", "onnx", "onnx-int8"] = "torch"
+    #: Runtime of the model: ``onnx`` (ONNX Runtime fp32: the same vectors as sentence-transformers,
+    #: ~2.5x faster per single text here), ``torch`` (sentence-transformers) or ``onnx-int8``
+    #: (quantised: its own vector space, so its own index; not the default because it moves
+    #: nearest neighbours of raw log lines, see bench/results/embedders.md).
+    embedder: Literal["torch", "onnx", "onnx-int8"] = "onnx"
     #: Where ONNX exports are cached (keyed by the weights' sha256); None: ``~/.cache/deja/models``.
     model_cache_dir: Path | None = None
     #: Default policy: tolerated false-escalation rate.

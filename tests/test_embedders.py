@@ -176,7 +176,7 @@ def test_unknown_backend_is_rejected() -> None:
 
 def test_settings_select_the_backend(tmp_path: Path, cache_dir: Path, int8: OnnxEncoder,
                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    assert Settings().embedder == "torch"
+    assert Settings().embedder == "onnx"
     monkeypatch.setenv("DEJA_EMBEDDER", "onnx-int8")
     monkeypatch.setenv("DEJA_MODEL_CACHE_DIR", str(cache_dir))
     settings = Settings(sweep_seconds=0)
