@@ -344,7 +344,10 @@ class Deja(Governance):
         """Score and decide each event; unless ``dry_run``, audit each verdict before returning."""
         policy = self.policy  # one policy for the whole call, whatever happens meanwhile
         prepared = _prepare(events)
-        vectors = self.cache.embed([p.fingerprint for p in prepared], [p.masked for p in prepared])
+        vectors, fresh = self.cache.embed_unsaved([p.fingerprint for p in prepared],
+                                                  [p.masked for p in prepared])
+        if fresh and dry_run:
+            self.store.put_vectors(self.model_id, fresh)
         queries = [Query(v, p.fingerprint, p.masked, p.service)
                    for v, p in zip(vectors, prepared, strict=True)]
         results = self.scorer.score(queries, alpha=policy.alpha_for,
@@ -384,9 +387,14 @@ class Deja(Governance):
                     model_id=self.model_id, actor=actor.actor,
                     evidence=evidence_of(res, service=p.service, severity=p.event.severity,
                                          records=self._records, automatable=automatable)))
-        # The audit rows and the handoffs they open commit together, before the answer.
+        if dry_run:
+            return verdicts
+        # The audit rows, the handoffs they open and the new vectors commit together, before
+        # the answer: one commit per check.
         opened: list[str] = []
         with self.store.transaction():
+            if fresh:
+                self.store.put_vectors(self.model_id, fresh)
             self.store.add_decisions(records)
             handed = [h for h in pending if h[0].decision != "replay"]
             ids = self.desk.receive(handed)

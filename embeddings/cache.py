@@ -66,6 +66,16 @@ class CachedEncoder:
 
         Duplicate keys in one call are embedded once.
         """
+        out, fresh = self.embed_unsaved(keys, texts)
+        if fresh and self.store is not None:
+            self.store.put_vectors(self.model_id, fresh)
+        return out
+
+    def embed_unsaved(self, keys: Sequence[str], texts: Sequence[str]
+                      ) -> tuple[Vectors, dict[str, Vectors]]:
+        """As :meth:`embed`, but the vectors the model made are returned for the caller to store
+        (``Store.put_vectors``) in a transaction it commits anyway: a check then pays one
+        commit, not two."""
         out = np.empty((len(keys), self.dim), dtype=np.float32)
         missing: dict[str, list[int]] = {}
         with self._lock:
@@ -91,9 +101,8 @@ class CachedEncoder:
                 out[missing[key]] = vec
                 fresh[key] = vec
                 self._remember(key, vec)
-            if self.store is not None:
-                self.store.put_vectors(self.model_id, fresh)
-        return out
+            return out, fresh
+        return out, {}
 
     def _remember(self, key: str, vec: Vectors) -> None:
         with self._lock:

@@ -139,6 +139,10 @@ class NoveltyScorer:
     #: Whole-curve AUROC let a weight that helps the bulk of novel events hide look-alikes in the
     #: low tail, which is where missed novelty comes from.
     OPERATING_FPR = 0.1
+    #: Largest raw threshold: an event whose best neighbour is this far (orthogonal, or its
+    #: template contradicted) is novel whatever the reference says; it also keeps scores, which
+    #: stop growing at raw 1, strictly above the threshold of a novel event.
+    MAX_THRESHOLD = 0.99
     #: Separations closer than this are a tie (a few hundred held-out items cannot tell them
     #: apart).
     TIE = 0.001
@@ -584,8 +588,8 @@ class NoveltyScorer:
 
     def raw_threshold(self, ref: Reference | None, alpha: float) -> float:
         if ref is None or len(ref) == 0:
-            return self.fallback_threshold_
-        return ref.threshold(alpha)
+            return min(self.fallback_threshold_, self.MAX_THRESHOLD)
+        return min(ref.threshold(alpha), self.MAX_THRESHOLD)
 
     def search(self, queries: Sequence[Query], k: int) -> list[list[Neighbour]]:
         """Fused-similarity neighbours, best first (at most ``k`` per query)."""
@@ -636,7 +640,7 @@ class NoveltyScorer:
     def _result(self, q: Query, ranked: list[Neighbour], alpha: float, k: int,
                 floor: float = 0.0) -> NoveltyResult:
         ref = self.reference_for(q.service)
-        t = max(self.raw_threshold(ref, alpha), floor)
+        t = min(max(self.raw_threshold(ref, alpha), floor), self.MAX_THRESHOLD)
         seq = q.masked.split()
         exact = q.fingerprint in self._fp_gid
         best = ranked[: self.TOP]
