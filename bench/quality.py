@@ -84,6 +84,9 @@ class Outcomes:
     p_value: list[float] = field(default_factory=list)
     dup_rate: list[float] = field(default_factory=list)
     exact: list[bool] = field(default_factory=list)
+    raw: list[float] = field(default_factory=list)
+    raw_threshold: list[float] = field(default_factory=list)
+    reference_size: list[float] = field(default_factory=list)
     decision: list[str] = field(default_factory=list)
     action: list[str | None] = field(default_factory=list)
     top: list[str | None] = field(default_factory=list)
@@ -106,6 +109,9 @@ class Outcomes:
             out.p_value += o.p_value
             out.dup_rate += o.dup_rate
             out.exact += o.exact
+            out.raw += o.raw
+            out.raw_threshold += o.raw_threshold
+            out.reference_size += o.reference_size
             out.decision += o.decision
             out.action += o.action
             out.top += [None if x is None else pre + x for x in o.top]
@@ -129,9 +135,22 @@ CALIBRATION_ALPHAS = (0.01, 0.02, 0.05, 0.1, 0.2)
 
 def novel_at(o: Outcomes, alpha: float) -> list[bool]:
     """The service's novelty call had the policy asked for level ``alpha``: its conformal
-    p-value against the effective level (see ``novelty.calibration.Reference``)."""
-    return [not ex and p <= min(0.5, alpha / max(1.0 - d, 1e-9))
-            for p, d, ex in zip(o.p_value, o.dup_rate, o.exact, strict=True)]
+    p-value against the effective level (see ``novelty.calibration.Reference``), or, where the
+    service had no reference to calibrate on, its fixed raw threshold; a raw score above the
+    scorer's largest threshold is novel at every level."""
+    from novelty.scorer import NoveltyScorer
+
+    cap = NoveltyScorer.MAX_THRESHOLD
+    out = []
+    for i, (p, d, ex) in enumerate(zip(o.p_value, o.dup_rate, o.exact, strict=True)):
+        if ex:
+            out.append(False)
+        elif o.reference_size and o.reference_size[i] == 0:
+            out.append(o.raw[i] > o.raw_threshold[i])
+        else:
+            out.append(p <= min(0.5, alpha / max(1.0 - d, 1e-9))
+                       or bool(o.raw and o.raw[i] > cap))
+    return out
 
 
 def compute_metrics(o: Outcomes) -> Metrics:
@@ -521,6 +540,9 @@ def run_case(client: DejaClient, case: Case, baseline: Baseline | None, shared: 
         o.p_value.append(float(comp.get("p_value", 1.0)))
         o.dup_rate.append(float(comp.get("duplicate_rate", 0.0)))
         o.exact.append(bool(comp.get("exact_match", 0.0)))
+        o.raw.append(float(comp.get("raw", 0.0)))
+        o.raw_threshold.append(float(comp.get("raw_threshold", -1.0)))
+        o.reference_size.append(float(comp.get("reference_size", 0.0)))
         o.decision.append(str(v["decision"]))
         res = v.get("resolution") or {}
         o.action.append(None if res.get("action") is None else str(res["action"]))

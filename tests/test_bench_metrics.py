@@ -182,3 +182,20 @@ def test_to_event_shapes() -> None:
     assert kb["outcome"] == "resolved"
     q = to_event(line, "HDFS", idx=5, with_resolution=False)
     assert set(q) == {"id", "title", "service", "source"}
+
+
+def test_calibration_curve_replays_the_services_own_call() -> None:
+    """``novel_at`` re-decides a verdict at another α as the service would: by p-value against
+    the effective level, by the fixed raw threshold where there was no reference, never for an
+    exact repeat, always above the scorer's largest threshold."""
+    from bench.quality import Outcomes, novel_at
+
+    o = Outcomes(p_value=[0.04, 0.04, 0.5, 0.9, 0.04], dup_rate=[0.0, 0.5, 0.0, 0.0, 0.0],
+                 exact=[False, False, False, False, True], raw=[0.2, 0.2, 0.3, 1.2, 0.2],
+                 raw_threshold=[0.1, 0.1, 0.25, 0.5, 0.1],
+                 reference_size=[30.0, 30.0, 0.0, 30.0, 30.0])
+    assert novel_at(o, 0.05) == [True, True, True, True, False]
+    # α = 0.02: the first needs p ≤ 0.02, the second (half the KB repeats) p ≤ 0.04.
+    assert novel_at(o, 0.02) == [False, True, True, True, False]
+    o.raw[2] = 0.2  # below the fixed threshold of a service without a reference
+    assert novel_at(o, 0.5)[2] is False
