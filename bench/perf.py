@@ -387,34 +387,48 @@ def peer_main(argv: Sequence[str]) -> int:
 
 
 def bench_model(plan: Plan, events: Events) -> dict[str, Any]:
-    """The packaged model in this process: single-text latency and batch-64 throughput."""
-    from embeddings import SentenceTransformerEncoder, normalize
+    """The packaged model in this process, single-text latency and batch-64 throughput, with
+    the runtime the service uses (``DEJA_EMBEDDER``, the reference of every ratio) and, when that
+    is not sentence-transformers, with sentence-transformers beside it (what the naive peer
+    runs). The two take turns within each repeat, so load hits both alike."""
+    from api.settings import Settings
+    from embeddings import create_encoder, normalize
 
     def texts(n: int) -> list[str]:
         return [normalize({"title": e["title"], "text": e.get("text")})
                 for e in (events.unique() for _ in range(n))]
 
-    encoder = SentenceTransformerEncoder(batch_size=64)
-    encoder.encode(texts(16))  # warm-up: first calls allocate
-    p50s, p99s, rates = [], [], []
+    served = Settings().embedder
+    backends = [served] + (["torch"] if served != "torch" else [])
+    encoders = {b: create_encoder(backend=b, batch_size=64) for b in backends}
+    for encoder in encoders.values():
+        encoder.encode(texts(16))  # warm-up: first calls allocate
+    p50s: dict[str, list[float]] = {b: [] for b in backends}
+    p99s: dict[str, list[float]] = {b: [] for b in backends}
+    rates: dict[str, list[float]] = {b: [] for b in backends}
     for _ in range(plan.repeats):
-        lat = []
-        for text in texts(plan.model_singles):
+        singles, batch = texts(plan.model_singles), texts(plan.model_batch_texts)
+        for b, encoder in encoders.items():
+            lat = []
+            for text in singles:
+                t0 = time.perf_counter()
+                encoder.encode([text])
+                lat.append(time.perf_counter() - t0)
+            p50s[b].append(pct(lat, 50) * 1e3)
+            p99s[b].append(pct(lat, 99) * 1e3)
             t0 = time.perf_counter()
-            encoder.encode([text])
-            lat.append(time.perf_counter() - t0)
-        p50s.append(pct(lat, 50) * 1e3)
-        p99s.append(pct(lat, 99) * 1e3)
-        batch = texts(plan.model_batch_texts)
-        t0 = time.perf_counter()
-        encoder.encode(batch)
-        rates.append(len(batch) / (time.perf_counter() - t0))
+            encoder.encode(batch)
+            rates[b].append(len(batch) / (time.perf_counter() - t0))
     import torch
 
-    out = {"single_p50_ms": figure(p50s, "ms"), "single_p99_ms": figure(p99s, "ms"),
-           "batch64_texts_per_s": figure(rates, "texts/s"),
-           "torch_threads": torch.get_num_threads()}
-    del encoder
+    def record(b: str) -> dict[str, Any]:
+        return {"backend": b, "single_p50_ms": figure(p50s[b], "ms"),
+                "single_p99_ms": figure(p99s[b], "ms"),
+                "batch64_texts_per_s": figure(rates[b], "texts/s")}
+
+    out = {**record(served), "torch_threads": torch.get_num_threads(),
+           "others": [record(b) for b in backends[1:]]}
+    del encoders
     gc.collect()
     return out
 
@@ -837,14 +851,19 @@ def markdown(result: dict[str, Any]) -> str:
     ]
     rows: list[tuple[str, str, str, str]] = []
     model = result.get("model") or {}
-    if model:
+    for m in [model, *model.get("others", [])] if model else []:
+        name = {"torch": "sentence-transformers (torch)", "onnx": "ONNX Runtime fp32",
+                "onnx-int8": "ONNX Runtime int8"}.get(m.get("backend", "torch"), "?")
+        served = m is model
         rows += [
-            ("model: one text, p50", _v(model["single_p50_ms"]) + " ms",
-             _runs(model["single_p50_ms"]), "all-MiniLM-L6-v2, in-process"),
-            ("model: one text, p99", _v(model["single_p99_ms"]) + " ms",
-             _runs(model["single_p99_ms"]), ""),
-            ("model: batch of 64", _v(model["batch64_texts_per_s"], 0) + " texts/s",
-             _runs(model["batch64_texts_per_s"], 0), f"torch threads {model['torch_threads']}"),
+            (f"model ({m.get('backend', 'torch')}): one text, p50", _v(m["single_p50_ms"]) + " ms",
+             _runs(m["single_p50_ms"]), f"all-MiniLM-L6-v2, {name}, in-process"
+             + ("; the service's runtime: every ratio below is to it" if served else "")),
+            (f"model ({m.get('backend', 'torch')}): one text, p99", _v(m["single_p99_ms"]) + " ms",
+             _runs(m["single_p99_ms"]), ""),
+            (f"model ({m.get('backend', 'torch')}): batch of 64",
+             _v(m["batch64_texts_per_s"], 0) + " texts/s", _runs(m["batch64_texts_per_s"], 0),
+             f"torch threads {model['torch_threads']}" if m.get("backend") == "torch" else ""),
         ]
     svc = result.get("service") or {}
     if svc:
