@@ -21,9 +21,10 @@ class Settings(BaseSettings):
     #: Any sentence-transformers model path or name; the default is the packaged, verified one.
     model: str = DEFAULT_MODEL
     #: Runtime of the model: ``onnx`` (ONNX Runtime fp32: the same vectors as sentence-transformers,
-    #: ~2.5x faster per single text here), ``torch`` (sentence-transformers) or ``onnx-int8``
-    #: (quantised: its own vector space, so its own index; not the default because it moves
-    #: nearest neighbours of raw log lines, see bench/results/embedders.md).
+    #: single texts ~1.7x faster on a quiet 2-core machine, and far steadier under CPU contention),
+    #: ``torch`` (sentence-transformers) or ``onnx-int8`` (quantised: its own vector space, so its
+    #: own index; not the default: it moves nearest neighbours of raw log lines, see
+    #: ``python -m bench.embedders``).
     embedder: Literal["torch", "onnx", "onnx-int8"] = "onnx"
     #: Where ONNX exports are cached (keyed by the weights' sha256); None: ``~/.cache/deja/models``.
     model_cache_dir: Path | None = None
