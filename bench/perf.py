@@ -30,7 +30,6 @@ import platform
 import random
 import re
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -43,6 +42,9 @@ from typing import Any
 
 import httpx
 import numpy as np
+
+# The naive peer embeds what the quality benchmark's baseline does: the raw title and text.
+from bench.quality import _tail, deja_command, event_text, free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DIM = 384
@@ -182,13 +184,6 @@ class Events:
         return out
 
 
-def event_text(event: dict[str, Any]) -> str:
-    """What the naive peer embeds: the raw title and text (as bench.quality's baseline)."""
-    title = str(event.get("title", ""))
-    text = event.get("text")
-    return f"{title}\n{text}" if text else title
-
-
 def _query(event: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in event.items() if k not in ("id", "resolution", "outcome")}
 
@@ -228,26 +223,6 @@ def _stop_all() -> None:
 
 
 atexit.register(_stop_all)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def deja_command() -> list[str]:
-    exe = REPO_ROOT / ".venv" / "bin" / "deja"
-    if exe.exists():
-        return [str(exe)]
-    return [sys.executable, "-c", "import sys; from api.cli import main; sys.exit(main())"]
-
-
-def _tail(path: Path, n: int = 20) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
-    except OSError:
-        return ""
 
 
 @contextlib.contextmanager

@@ -170,7 +170,6 @@ class NoveltyScorer:
         self._rho: list[float] = []
         self._df: Counter[str] = Counter()
         self._seq: list[list[str]] = []
-        self._kind_groups: dict[int, list[int]] = {}
         self._top_key: list[str | None] = []
         self._words: list[frozenset[str]] = []
         # A *problem* is a mined kind split by resolution: look-alikes the miner merged
@@ -284,7 +283,6 @@ class NoveltyScorer:
         kind = self._miner.add(seq)
         self._seq.append(seq)
         self._kind.append(kind)
-        self._kind_groups.setdefault(kind, []).append(gid)
         self._members.append([])
         self._resolutions.append(Counter())
         self._top_key.append(None)
