@@ -389,10 +389,10 @@ class Deja(Governance):
                                          records=self._records, automatable=automatable)))
         if dry_run:
             return verdicts
-        # The audit rows, the handoffs they open and the new vectors commit together, before
-        # the answer: one commit per check.
+        # The audit rows, the handoffs they open and the new vectors are durable together
+        # before the answer: one journal append (an fsync) per check, applied to DuckDB behind.
         opened: list[str] = []
-        with self.store.transaction():
+        with self.store.deferred():
             if fresh:
                 self.store.put_vectors(self.model_id, fresh)
             self.store.add_decisions(records)

@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING, Any
 
 import duckdb
 
-__all__ = ["Change", "EscalationRecord", "EscalationStore"]
+__all__ = ["Change", "EscalationRecord", "EscalationStore", "count_joins",
+           "insert_escalation_events", "insert_escalations"]
 
 ACTIVE_STATES = ("open", "acked", "breached")
 
@@ -21,6 +22,49 @@ _COLS = ("escalation_id, decision_id, kind, state, fingerprint, service, route, 
          "resolve_due_at, events, briefing, suggested_resolution, resolution, policy_version, "
          "created_at, last_event_at, acked_at, acked_by, resolved_at, resolved_by, breached_at, "
          "breaches")
+
+
+def _iso(at: datetime | None) -> str | None:
+    return at.isoformat() if at is not None else None
+
+
+def _at(value: str | None) -> datetime | None:
+    return datetime.fromisoformat(value) if value is not None else None
+
+
+_ROW_TIMES = (7, 8, 14, 15, 16, 18, 20)
+_ROW_JSON = (6, 10, 11, 12)
+
+
+def insert_escalations(cur: duckdb.DuckDBPyConnection, rows: Sequence[Sequence[Any]]) -> None:
+    """Rows as :meth:`EscalationStore.add_escalation` journals them."""
+    for row in rows:
+        values = list(row)
+        for i in _ROW_TIMES:
+            values[i] = _at(values[i])
+        for i in _ROW_JSON:
+            values[i] = _dump(values[i])
+        cur.execute(
+            f"INSERT INTO escalations ({_COLS}) VALUES "
+            "(?, ?, ?, ?, ?, ?, ?::JSON, ?, ?, ?, ?::JSON, ?::JSON, ?::JSON, ?, ?, ?, ?, ?, "
+            "?, ?, ?, ?)", values)
+
+
+def insert_escalation_events(cur: duckdb.DuckDBPyConnection,
+                             rows: Sequence[tuple[str, str, Any, str]]) -> None:
+    """``(escalation_id, decision_id, event, joined_at ISO)`` rows, in one statement."""
+    cur.execute("INSERT INTO escalation_events SELECT unnest($1), unnest($2), unnest($3)::JSON, "
+                "unnest($4)", [[r[0] for r in rows], [r[1] for r in rows],
+                               [json.dumps(r[2]) for r in rows],
+                               [datetime.fromisoformat(r[3]) for r in rows]])
+
+
+def count_joins(cur: duckdb.DuckDBPyConnection, joins: dict[str, tuple[int, datetime]]) -> None:
+    """Add ``n`` events to each escalation id, its last event at ``at``."""
+    for escalation_id, (n, at) in joins.items():
+        cur.execute("UPDATE escalations SET events = events + ?, "
+                    "last_event_at = greatest(last_event_at, ?) WHERE escalation_id = ?",
+                    [n, at, escalation_id])
 
 
 def _loads(value: Any) -> Any:
@@ -80,6 +124,10 @@ class EscalationStore:
 
         def after_commit(self, hook: Callable[[], None]) -> None: ...
 
+        def _write(self, ops: list[tuple[str, Any]]) -> None: ...
+
+        def _raw_cur(self) -> duckdb.DuckDBPyConnection: ...
+
     #: fingerprint -> its active escalation, and back: every check of a review/escalate verdict
     #: asks, so it is answered from memory. Changed only by committed writes, under the write lock.
     _active_by_fp: dict[str, str]
@@ -120,21 +168,16 @@ class EscalationStore:
         return _escalation(row) if row else None
 
     def add_escalation(self, rec: EscalationRecord, event: dict[str, Any]) -> None:
-        with self.transaction() as cur:
-            cur.execute(
-                f"INSERT INTO escalations ({_COLS}) VALUES "
-                "(?, ?, ?, ?, ?, ?, ?::JSON, ?, ?, ?, ?::JSON, ?::JSON, ?::JSON, ?, ?, ?, ?, ?, "
-                "?, ?, ?, ?)",
-                [rec.escalation_id, rec.decision_id, rec.kind, rec.state, rec.fingerprint,
-                 rec.service, json.dumps(rec.route), rec.due_at, rec.resolve_due_at, rec.events,
-                 json.dumps(rec.briefing), _dump(rec.suggested_resolution),
-                 _dump(rec.resolution), rec.policy_version, rec.created_at, rec.last_event_at,
-                 rec.acked_at, rec.acked_by, rec.resolved_at, rec.resolved_by, rec.breached_at,
-                 rec.breaches])
-            cur.execute("INSERT INTO escalation_events VALUES (?, ?, ?::JSON, ?)",
-                        [rec.escalation_id, rec.decision_id, json.dumps(event), rec.created_at])
-            if rec.state in ACTIVE_STATES:
-                self.after_commit(lambda: self._mark_active(rec.fingerprint, rec.escalation_id))
+        """Insert an escalation with its first event; inside ``Store.deferred``, journalled with
+        the check that opened it."""
+        row = [rec.escalation_id, rec.decision_id, rec.kind, rec.state, rec.fingerprint,
+               rec.service, rec.route, _iso(rec.due_at), _iso(rec.resolve_due_at), rec.events,
+               rec.briefing, rec.suggested_resolution, rec.resolution, rec.policy_version,
+               _iso(rec.created_at), _iso(rec.last_event_at), _iso(rec.acked_at), rec.acked_by,
+               _iso(rec.resolved_at), rec.resolved_by, _iso(rec.breached_at), rec.breaches]
+        self._write([("escalation", {"row": row, "event": event})])
+        if rec.state in ACTIVE_STATES:
+            self.after_commit(lambda: self._mark_active(rec.fingerprint, rec.escalation_id))
 
     def open_escalations_for(self, fingerprints: Sequence[str]) -> dict[str, EscalationRecord]:
         """The active escalation of each fingerprint that has one."""
@@ -150,14 +193,9 @@ class EscalationStore:
                         at: datetime) -> None:
         """Near-identical events (``(decision_id, event)``) join an active escalation instead
         of opening another."""
-        if not joined:
-            return
-        with self.transaction() as cur:
-            cur.execute("INSERT INTO escalation_events SELECT $1, unnest($2), unnest($3)::JSON, $4",
-                        [escalation_id, [d for d, _ in joined],
-                         [json.dumps(e) for _, e in joined], at])
-            cur.execute("UPDATE escalations SET events = events + ?, last_event_at = ? "
-                        "WHERE escalation_id = ?", [len(joined), at, escalation_id])
+        if joined:
+            self._write([("join", {"id": escalation_id, "at": at.isoformat(),
+                                   "joined": [[d, e] for d, e in joined]})])
 
     def get_escalation(self, escalation_id: str) -> EscalationRecord | None:
         row = self._cur().execute(f"SELECT {_COLS} FROM escalations WHERE escalation_id = ?",
@@ -234,7 +272,8 @@ class EscalationStore:
                        ) -> list[Change]:
         if not services:
             return []
-        rows = self._cur().execute(
+        # Changes are never journalled: an opening check need not wait for pending writes.
+        rows = self._raw_cur().execute(
             "SELECT change_id, service, summary, changed_at, author, ref FROM changes "
             "WHERE service IN (SELECT unnest($1)) AND changed_at >= $2 AND changed_at <= $3 "
             "ORDER BY changed_at DESC LIMIT 20",

@@ -191,6 +191,14 @@ def _governance(con: duckdb.DuckDBPyConnection) -> None:
     """)
 
 
+@migration(4, "the check journal's applied sequence number")
+def _journal(con: duckdb.DuckDBPyConnection) -> None:
+    con.execute("""
+        CREATE TABLE journal_state (applied_seq BIGINT NOT NULL);
+        INSERT INTO journal_state VALUES (0);
+    """)
+
+
 def migrate(con: duckdb.DuckDBPyConnection) -> list[int]:
     """Apply every migration not yet recorded, each in its own transaction; return those applied."""
     con.execute("""CREATE TABLE IF NOT EXISTS schema_migrations (
