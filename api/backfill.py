@@ -506,6 +506,8 @@ def _load(store: Store, events: list[str], vectors: list[str], model_id: str, n_
                     {**detail, "events": n_events, "created": n})
         cur.execute("DROP TABLE backfill_keep")
         cur.execute("DROP TABLE backfill_ids")
+        # Vectors loaded in bulk bypass the store's record of stored keys; it reloads.
+        store.after_commit(store.forget_stored_keys)
     return n
 
 

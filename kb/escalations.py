@@ -3,12 +3,13 @@ and what automation reported back about replayed decisions. Mixed into :class:`k
 
 from __future__ import annotations
 
+import bisect
 import json
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 import duckdb
@@ -17,6 +18,8 @@ __all__ = ["Change", "EscalationRecord", "EscalationStore", "count_joins",
            "insert_escalation_events", "insert_escalations"]
 
 ACTIVE_STATES = ("open", "acked", "breached")
+#: Changes newer than this (at start) are also kept in memory for opening checks' briefings.
+CHANGES_IN_MEMORY = timedelta(days=7)
 
 _COLS = ("escalation_id, decision_id, kind, state, fingerprint, service, route, due_at, "
          "resolve_due_at, events, briefing, suggested_resolution, resolution, policy_version, "
@@ -132,6 +135,9 @@ class EscalationStore:
     #: asks, so it is answered from memory. Changed only by committed writes, under the write lock.
     _active_by_fp: dict[str, str]
     _active_fp_of: dict[str, str]
+    #: Changes at or after ``_changes_since``, oldest first: the briefings' recent changes.
+    _changes: list[Change]
+    _changes_since: datetime
 
     def _load_active_escalations(self) -> None:
         self._active_by_fp, self._active_fp_of = {}, {}
@@ -259,20 +265,44 @@ class EscalationStore:
         return [(r[0], r[1]) for r in rows]
 
     # -- changes, deliveries, outcomes ---------------------------------------------------------
+    def _load_recent_changes(self) -> None:
+        self._changes_since = datetime.now(UTC) - CHANGES_IN_MEMORY
+        rows = self._raw_cur().execute(
+            "SELECT change_id, service, summary, changed_at, author, ref FROM changes "
+            "WHERE changed_at >= ? ORDER BY changed_at", [self._changes_since]).fetchall()
+        self._changes = [Change(*r) for r in rows]
+
     def add_change(self, service: str, summary: str, at: datetime, author: str | None,
                    ref: str | None) -> str:
         change_id = f"chg-{uuid.uuid4().hex}"
         with self.transaction() as cur:
             cur.execute("INSERT INTO changes (change_id, service, summary, changed_at, author, "
-                        "ref) VALUES (?, ?, ?, ?, ?, ?)",
+                        "ref) VALUES (?, ?, ?, ?, ?, ?) RETURNING changed_at",
                         [change_id, service, summary, at, author, ref])
+            row = cur.fetchone()
+            change = Change(change_id, service, summary, row[0] if row else at, author, ref)
+            self.after_commit(lambda: self._remember_change(change))
         return change_id
+
+    def _remember_change(self, change: Change) -> None:
+        if change.at >= self._changes_since:
+            bisect.insort(self._changes, change, key=lambda c: c.at)
 
     def recent_changes(self, services: Sequence[str], since: datetime, until: datetime
                        ) -> list[Change]:
+        """Newest first, at most 20; from memory when the window is recent (every opening
+        check asks), from the table otherwise."""
         if not services:
             return []
-        # Changes are never journalled: an opening check need not wait for pending writes.
+        if since >= self._changes_since:
+            wanted = set(services)
+            found = []
+            for c in reversed(self._changes):
+                if c.service in wanted and since <= c.at <= until:
+                    found.append(c)
+                    if len(found) == 20:
+                        break
+            return found
         rows = self._raw_cur().execute(
             "SELECT change_id, service, summary, changed_at, author, ref FROM changes "
             "WHERE service IN (SELECT unnest($1)) AND changed_at >= $2 AND changed_at <= $3 "

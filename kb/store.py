@@ -19,7 +19,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -193,6 +193,9 @@ class Store(EscalationStore, GovernanceStore):
         self._pending: list[tuple[int, list[Op]]] = []
         self._pending_vectors: dict[tuple[str, str], Vectors] = {}
         self._pending_lock = threading.Lock()
+        self._vector_keys: dict[str, set[int]] = {}
+        self._collecting: dict[str, set[int]] = {}
+        self._keys_loading = threading.Lock()
         self._seq = 0
         self._journal: Journal | None = None
         self._flusher: threading.Thread | None = None
@@ -203,6 +206,8 @@ class Store(EscalationStore, GovernanceStore):
             if self.path != ":memory:":
                 self._open_journal(Path(self.path + ".journal"))
             self._load_active_escalations()
+            self._load_recent_changes()
+            self._preload_incidents()
 
     # -- plumbing ---------------------------------------------------------------------------
     def _raw_cur(self) -> duckdb.DuckDBPyConnection:
@@ -337,6 +342,15 @@ class Store(EscalationStore, GovernanceStore):
                 if not self._pending and self._journal is not None:
                     self._journal.reset()
 
+    def wait_applied(self, timeout: float) -> bool:
+        """Wait until the flusher has applied every journalled write; False on timeout."""
+        deadline = time.monotonic() + timeout
+        while self._pending:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.01)
+        return True
+
     def _open_journal(self, path: Path) -> None:
         """Replay what a crash left unapplied (each group once), then start the flusher."""
         cur = self._raw_cur()
@@ -457,6 +471,14 @@ class Store(EscalationStore, GovernanceStore):
                     "unnest($4), unnest($5), unnest($6), unnest($7), unnest($8)::JSON, "
                     "unnest($9)::TIMESTAMPTZ, unnest($10), unnest($11), unnest($12)::JSON, "
                     "unnest($13), unnest($14), unnest($15), unnest($16)", cols)
+                # The newest incident of a fingerprint is what checks show as its neighbour:
+                # cached once committed, a check never queries for it.
+                latest = sorted({item.fingerprint: kb_id for item, kb_id
+                                 in zip(fresh, new_ids, strict=True)}.values())[-INCIDENT_CACHE:]
+                rows = cur.execute(
+                    f"SELECT {_INCIDENT_COLS} FROM incidents WHERE kb_id IN (SELECT unnest($1))",
+                    [latest]).fetchall()
+                self.after_commit(lambda: self._remember_incidents(map(_incident, rows)))
         out: list[tuple[int, bool]] = []
         fresh_iter = iter(new_ids)
         assigned: dict[str, int] = dict(existing)
@@ -506,11 +528,24 @@ class Store(EscalationStore, GovernanceStore):
         out.update(found)
         # A row read inside this thread's open transaction may yet be rolled back.
         if not getattr(self._local, "depth", 0):
-            with self._incidents_lock:
-                self._incidents.update(found)
-                while len(self._incidents) > INCIDENT_CACHE:
-                    self._incidents.popitem(last=False)
+            self._remember_incidents(found.values())
         return out
+
+    def _remember_incidents(self, incidents: Iterable[Incident]) -> None:
+        with self._incidents_lock:
+            for inc in incidents:
+                self._incidents[inc.kb_id] = inc
+                self._incidents.move_to_end(inc.kb_id)
+            while len(self._incidents) > INCIDENT_CACHE:
+                self._incidents.popitem(last=False)
+
+    def _preload_incidents(self) -> None:
+        """The newest incident of each of the most recent fingerprints: what checks show."""
+        rows = self._raw_cur().execute(
+            f"SELECT {_INCIDENT_COLS} FROM incidents WHERE kb_id IN (SELECT max(kb_id) AS k "
+            f"FROM incidents GROUP BY fingerprint ORDER BY k DESC LIMIT ?) ORDER BY kb_id",
+            [INCIDENT_CACHE]).fetchall()
+        self._remember_incidents(map(_incident, rows))
 
     def incidents_after(self, kb_id: int) -> list[tuple[int, str, str, str | None, str | None]]:
         """``(kb_id, fingerprint, masked, service, resolution_key)`` of rows above ``kb_id``."""
@@ -540,6 +575,10 @@ class Store(EscalationStore, GovernanceStore):
                     if vec is not None:
                         out[key] = vec
         rest = [k for k in keys if k not in out]
+        stored = self._stored_keys(model_id)
+        # A fingerprint never stored (a novel event's) costs no query: the set of stored keys'
+        # hashes answers "certainly not" (a hash collision only costs the query).
+        rest = [k for k in rest if hash(k) in stored]
         if not rest:
             return out
         res = self._raw_cur().execute(
@@ -549,6 +588,41 @@ class Store(EscalationStore, GovernanceStore):
                    for k, v in zip(res["fingerprint"], res["vector"], strict=True))
         return out
 
+    def _stored_keys(self, model_id: str) -> set[int]:
+        """Hashes of the fingerprints with a stored or journalled vector of ``model_id`` (loaded
+        once; ~60 B a key). Keys are added when written: a key in it whose vector is not (yet)
+        stored only costs a query."""
+        keys = self._vector_keys.get(model_id)
+        if keys is not None:
+            return keys
+        with self._keys_loading:
+            keys = self._vector_keys.get(model_id)
+            if keys is not None:
+                return keys
+            # Keys written while the table is read are collected too (see _note_keys).
+            with self._pending_lock:
+                collecting = {hash(k) for m, k in self._pending_vectors if m == model_id}
+                self._collecting[model_id] = collecting
+            res = self._raw_cur().execute("SELECT fingerprint FROM embeddings WHERE model_id = ?",
+                                          [model_id]).fetchnumpy()
+            loaded = {hash(str(k)) for k in res["fingerprint"]}
+            with self._pending_lock:
+                collecting |= loaded
+                del self._collecting[model_id]
+                self._vector_keys[model_id] = collecting
+            return collecting
+
+    def _note_keys(self, model_id: str, keys: Iterable[str]) -> None:
+        with self._pending_lock:
+            known = self._vector_keys.get(model_id, self._collecting.get(model_id))
+            if known is not None:
+                known.update(hash(k) for k in keys)
+
+    def forget_stored_keys(self) -> None:
+        """Drop the stored-key sets (after vectors were written around :meth:`put_vectors`)."""
+        with self._pending_lock:
+            self._vector_keys.clear()
+
     def put_vectors(self, model_id: str, items: dict[str, Vectors]) -> None:
         """Store vectors; keys already present are left as they are. Inside :meth:`deferred`,
         journalled with the check that made them."""
@@ -556,6 +630,7 @@ class Store(EscalationStore, GovernanceStore):
             return
         keys = list(items)
         matrix = np.stack([items[k] for k in keys]).astype(np.float32)
+        self._note_keys(model_id, keys)
         if getattr(self._local, "deferred", None) is not None:
             self._write([("vectors", {"model": model_id, "keys": keys,
                                       "m": encode_matrix(matrix)})])
