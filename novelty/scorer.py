@@ -36,6 +36,7 @@ p-value and an α-level threshold (:mod:`novelty.calibration`).
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
 from collections import Counter
@@ -320,19 +321,23 @@ class NoveltyScorer:
                 x = idf[t] = math.log(total / (df.get(t, 0) + 1)) + 1.0
             return x
 
+        # A shared word is one of a's: its weight is looked up once per call, not per pair.
+        mine = {t: weight(t) for t in a}
         if held_out is None:
-            wa = sum(weight(t) for t in a)
+            wa = sum(mine.values())
         else:
             unseen = math.log(total) + 1.0
-            wa = sum(unseen if 0 < df.get(t, 0) <= held_out.get(t, 0) else weight(t) for t in a)
+            wa = sum(unseen if 0 < df.get(t, 0) <= held_out.get(t, 0) else x
+                     for t, x in mine.items())
         out = []
         tokens = self._tokens
+        shared_weight = mine.__getitem__
         for o in others:
             b = tokens[o]
             wb = sums.get(o)
             if wb is None:
                 wb = sums[o] = sum(weight(t) for t in b)
-            inter = sum(weight(t) for t in a & b)
+            inter = sum(map(shared_weight, a & b))
             union = wa + wb - inter
             out.append(inter / union if union > 0 else 1.0)
         return out
@@ -400,22 +405,32 @@ class NoveltyScorer:
             alone = Counter(mine)
             near = [(o, c) for o, c in row if o != g][: self.candidates]
             if near:
-                # The held-out item is judged by the template of its problem's other members.
                 own = [self._seq[m] for m in self._problem_groups[problem] if m != g]
-                own_template = merge(own) if own else None
-                pos.append(_Loo(
-                    g, near, self._lexical(mine, [o for o, _ in near], alone),
-                    [contradiction(seq, own_template)
-                     if own_template and self._problem(o) == problem
-                     else self._contradiction(seq, o) for o, _ in near],
-                    len(own) >= 1))
+                pos.append(_Loo(g, near, self._lexical(mine, [o for o, _ in near], alone),
+                                self._kin_contradiction(g, seq, own), len(own) >= 1))
             far = [(o, c) for o, c in row if not self._related(g, o)][: self.candidates]
             if far:
                 held_out = self._problem_df[problem]
                 lex = self._lexical(mine, [o for o, _ in far], held_out)
-                neg.append(_Loo(g, far, lex, [self._contradiction(seq, o) for o, _ in far],
+                neg.append(_Loo(g, far, lex, functools.partial(self._contradiction, seq),
                                 False))
         return pos, neg
+
+    def _kin_contradiction(self, g: int, seq: list[str], own: list[list[str]]
+                           ) -> Callable[[int], float]:
+        """Contradiction of held-out ``g`` with a neighbour: one of its own problem judges it by
+        the template of the problem's other members (merged once, if ever needed)."""
+        problem = self._problem(g)
+        template: list[list[str] | None] = []
+
+        def of(other: int) -> float:
+            if own and self._problem(other) == problem:
+                if not template:
+                    template.append(merge(own))
+                if template[0]:
+                    return contradiction(seq, template[0])
+            return self._contradiction(seq, other)
+        return of
 
     def _contradiction(self, seq: list[str], gid: int) -> float:
         template = self._problem_template[self._problem(gid)]
@@ -690,11 +705,22 @@ class NoveltyScorer:
 
 @dataclass
 class _Loo:
+    """One held-out item and its candidates. Contradictions are computed when first needed:
+    only the few best candidates at the chosen fusion weight ever are (~6x fewer than all)."""
+
     gid: int
     near: list[tuple[int, float]]
     lexical: list[float]
-    contra: list[float]
+    contra_of: Callable[[int], float]
     has_kin: bool
+    _contra: dict[int, float] = field(default_factory=dict)
+    _best: dict[tuple[float, int], list[tuple[float, int, float]]] = field(default_factory=dict)
+
+    def contra(self, other: int) -> float:
+        m = self._contra.get(other)
+        if m is None:
+            m = self._contra[other] = self.contra_of(other)
+        return m
 
     def distance(self, w: float) -> tuple[float, int]:
         best, arg = -math.inf, -1
@@ -706,9 +732,13 @@ class _Loo:
 
     def raw(self, w: float, factor: Callable[[int, float], float], beta: float, gamma: float,
             top: int) -> tuple[float, int]:
-        fused = sorted(((w * cos + (1 - w) * lex, other, m) for (other, cos), lex, m
-                        in zip(self.near, self.lexical, self.contra, strict=True)), reverse=True)
-        return _combine([(s, o, m) for s, o, m in fused[:top]], factor, beta, gamma)
+        best = self._best.get((w, top))
+        if best is None:
+            # The ranking depends on the weight only: computed once for every β and γ tried.
+            fused = sorted(((w * cos + (1 - w) * lex, other) for (other, cos), lex
+                            in zip(self.near, self.lexical, strict=True)), reverse=True)
+            best = self._best[(w, top)] = [(s, o, self.contra(o)) for s, o in fused[:top]]
+        return _combine(best, factor, beta, gamma)
 
 
 def _combine(top: list[tuple[float, int, float]], factor: Callable[[int, float], float],
