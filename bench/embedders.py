@@ -108,7 +108,7 @@ def fidelity(ref: dict[str, np.ndarray], got: dict[str, np.ndarray]) -> dict[str
     cos = np.concatenate([np.einsum("ij,ij->i", ref[s], got[s]) for s in ref])
     agree = {s: neighbour_agreement(ref[s], got[s]) for s in ref}
     return {"mean_cosine": float(cos.mean()), "min_cosine": float(cos.min()),
-            "p1_cosine": pct(cos, 1), "n": len(cos),
+            "p1_cosine": pct(cos.tolist(), 1), "n": len(cos),
             "nn_agreement": float(statistics.fmean(agree.values())),
             "nn_agreement_min": float(min(agree.values())), "nn_agreement_by_system": agree}
 

@@ -40,17 +40,20 @@ _ROW_JSON = (6, 10, 11, 12)
 
 
 def insert_escalations(cur: duckdb.DuckDBPyConnection, rows: Sequence[Sequence[Any]]) -> None:
-    """Rows as :meth:`EscalationStore.add_escalation` journals them."""
-    for row in rows:
-        values = list(row)
+    """Rows as :meth:`EscalationStore.add_escalation` journals them, in one statement."""
+    table = [list(row) for row in rows]
+    for values in table:
         for i in _ROW_TIMES:
             values[i] = _at(values[i])
         for i in _ROW_JSON:
             values[i] = _dump(values[i])
-        cur.execute(
-            f"INSERT INTO escalations ({_COLS}) VALUES "
-            "(?, ?, ?, ?, ?, ?, ?::JSON, ?, ?, ?, ?::JSON, ?::JSON, ?::JSON, ?, ?, ?, ?, ?, "
-            "?, ?, ?, ?)", values)
+    if len(table) == 1:
+        cur.execute(f"INSERT INTO escalations ({_COLS}) VALUES (" + ", ".join(
+            "?::JSON" if i in _ROW_JSON else "?" for i in range(len(table[0]))) + ")", table[0])
+        return
+    cur.execute(f"INSERT INTO escalations ({_COLS}) SELECT " + ", ".join(
+        f"unnest(${i + 1})" + ("::JSON" if i in _ROW_JSON else "")
+        for i in range(len(table[0]))), [list(col) for col in zip(*table, strict=True)])
 
 
 def insert_escalation_events(cur: duckdb.DuckDBPyConnection,

@@ -13,11 +13,15 @@ transaction that changed the table commits (see :meth:`Store.after_commit`).
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import json
 import logging
+import os
 import threading
 import time
 import uuid
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -50,10 +54,21 @@ INCIDENT_CACHE = 20_000
 _NESTED_ROWS = 64
 #: The journal's flusher waits up to this long (seconds) or this many checks before applying
 #: them to DuckDB in one transaction; readers never wait for it (they apply what is pending).
-FLUSH_DELAY = 0.1
+FLUSH_DELAY = 0.25
 FLUSH_GROUPS = 256
+FLUSH_NICE = 10
 
 log = logging.getLogger(__name__)
+
+#: Stores with a running flusher. At exit each is stopped before the interpreter kills daemon
+#: threads (one killed inside DuckDB aborts the process); what stays pending is in the journal.
+_OPEN_STORES: weakref.WeakSet[Store] = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_flushers() -> None:
+    for store in list(_OPEN_STORES):
+        store._stop_flusher()
 
 
 @dataclass(frozen=True)
@@ -376,8 +391,20 @@ class Store(EscalationStore, GovernanceStore):
         self._flusher = threading.Thread(target=self._flush_loop, name="deja-journal",
                                          daemon=True)
         self._flusher.start()
+        _OPEN_STORES.add(self)
+
+    def _stop_flusher(self) -> None:
+        self._closing = True
+        self._flush_wanted.set()
+        if self._flusher is not None:
+            self._flusher.join(timeout=10)
+            self._flusher = None
 
     def _flush_loop(self) -> None:
+        # Applying is background work: at a lower priority it yields the cores to the model and
+        # the requests the journal already answered for (Linux sets it per thread).
+        with contextlib.suppress(OSError, AttributeError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), FLUSH_NICE)
         while not self._closing:
             self._flush_wanted.wait()
             self._flush_wanted.clear()
@@ -416,10 +443,8 @@ class Store(EscalationStore, GovernanceStore):
             self._raw_cur().execute("CHECKPOINT")
 
     def close(self) -> None:
-        self._closing = True
-        self._flush_wanted.set()
-        if self._flusher is not None:
-            self._flusher.join(timeout=10)
+        self._stop_flusher()
+        _OPEN_STORES.discard(self)
         with self._write_lock, self._db_lock:
             if self._journal is not None:
                 self.sync()

@@ -223,3 +223,20 @@ def test_vectors_written_in_bulk_are_found_after_forgetting_keys(tmp_path: Path)
     store.forget_stored_keys()
     assert set(store.get_vectors("m", ["a", "b"])) == {"a", "b"}
     store.close()
+
+
+def test_handoffs_opened_by_many_checks_apply_in_one_batch_intact(tmp_path: Path,
+                                                                  slow_flush: None) -> None:
+    store = Store(tmp_path / "kb.duckdb")
+    opened = [_escalation(f"esc-{i}", f"fp-{i}", f"dec-{i}") for i in range(3)]
+    for rec in opened:
+        with store.deferred():
+            store.add_decisions([_decision(rec.decision_id)])
+            store.add_escalation(rec, {"title": rec.fingerprint})
+    assert store.active_escalation_ids([r.fingerprint for r in opened]) == {
+        r.fingerprint: r.escalation_id for r in opened}
+    for rec in opened:
+        assert store.get_escalation(rec.escalation_id) == rec
+        assert store.escalation_events(rec.escalation_id) == [
+            (rec.decision_id, {"title": rec.fingerprint})]
+    store.close()
