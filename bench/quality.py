@@ -644,6 +644,13 @@ def summarise(runs: list[CaseRun], names: list[str]) -> dict[str, dict[str, dict
     return out
 
 
+def _embedder() -> str:
+    """The runtime the served processes use: the setting's default unless overridden."""
+    from api.settings import Settings
+
+    return os.environ.get("DEJA_EMBEDDER") or Settings().embedder
+
+
 def pooled_runs(runs: list[CaseRun], systems: list[str], seeds: list[int]) -> list[CaseRun]:
     """One "all" run per seed pooling the LogHub systems that succeeded in that seed."""
     out: list[CaseRun] = []
@@ -813,7 +820,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "",
         f"Commit `{_git_commit()}`, {time.strftime('%Y-%m-%d %H:%M:%S %Z')}, "
         f"service: {args.url or ' '.join(command) + ' serve (fresh per seed and system)'}, "
-        f"embedder {os.environ.get('DEJA_EMBEDDER', 'torch')}.",
+        f"embedder {_embedder()}.",
         "",
         header,
         "",
@@ -838,7 +845,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "url": args.url,
             "command": None if shared else command,
             "baseline": baseline is not None,
-            "embedder": os.environ.get("DEJA_EMBEDDER", "torch"),
+            "embedder": _embedder(),
             "commit": _git_commit(),
             "loghub_dir": str(loghub_dir()),
         },
