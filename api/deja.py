@@ -5,10 +5,13 @@ The HTTP app, the CLI and the notebooks all use :class:`Deja`; nothing else hold
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import threading
+import time
 import uuid
+import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -71,6 +74,20 @@ log = logging.getLogger("deja")
 
 INDEX_FILE = "index.faiss"
 DB_FILE = "deja.duckdb"
+#: A refit the KB's growth made due runs once the KB has not grown for this long (seconds), or
+#: once it has been due this long under continuous ingest; a check never waits longer than the
+#: refit itself: it runs a due refit first. So a bulk load fits once, not every 5% of growth.
+REFIT_QUIET = 0.5
+REFIT_MAX_DELAY = 30.0
+
+#: Open instances with a refit thread, stopped at exit before daemon threads are killed.
+_OPEN: weakref.WeakSet[Deja] = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_refitters() -> None:
+    for deja in list(_OPEN):
+        deja._stop_refitter()
 
 
 @dataclass(frozen=True)
@@ -116,6 +133,16 @@ class Deja(Governance):
         self._saved_vectors = 0
         self._records: dict[str, TrackRecord] = {}
         self._resolutions: dict[str, dict[str, Any]] = {}
+        # When a refit fell due (monotonic seconds; None: the fit is current) and the KB last
+        # grew; the refit thread waits for ingest to pause.
+        self._refit_due: float | None = None
+        self._grew_at = 0.0
+        self._refit_wanted = threading.Event()
+        self._closing = False
+        self._refitter = threading.Thread(target=self._refit_loop, name="deja-refit",
+                                          daemon=True)
+        self._refitter.start()
+        _OPEN.add(self)
         self.desk = EscalationDesk(
             store, settings.routing, sweep_seconds=settings.sweep_seconds,
             changes_window=timedelta(hours=settings.changes_hours),
@@ -152,6 +179,8 @@ class Deja(Governance):
         return deja
 
     def close(self) -> None:
+        self._stop_refitter()
+        _OPEN.discard(self)
         self.desk.close()
         with self._mutate:
             self.save_index()
@@ -313,9 +342,46 @@ class Deja(Governance):
         self._last_kb_id = max(self._last_kb_id, max(kb for kb, _ in rows))
         fitted = self.scorer.fitted_groups_
         if self.scorer.groups - fitted >= max(1, fitted // 20):
-            self.scorer.fit()
+            self._grew_at = time.monotonic()
+            if self._refit_due is None:
+                self._refit_due = self._grew_at
+            self._refit_wanted.set()
         if self.index.ntotal - self._saved_vectors >= self.settings.index_save_every:
             self.save_index()
+
+    def refit_if_due(self) -> bool:
+        """Run a refit the KB's growth made due (under the KB mutation lock); True if one ran."""
+        if self._refit_due is None:
+            return False
+        with self._mutate:
+            if self._refit_due is None:
+                return False
+            self.scorer.fit()
+            self._refit_due = None
+            return True
+
+    def _refit_loop(self) -> None:
+        while not self._closing:
+            self._refit_wanted.wait()
+            self._refit_wanted.clear()
+            while not self._closing and self._refit_due is not None:
+                now = time.monotonic()
+                if (now - self._grew_at >= REFIT_QUIET
+                        or now - self._refit_due >= REFIT_MAX_DELAY):
+                    break
+                time.sleep(0.05)
+            if not self._closing:
+                try:
+                    self.refit_if_due()
+                except Exception:
+                    # The next check runs the due refit itself and reports what fails.
+                    log.exception("background refit failed")
+
+    def _stop_refitter(self) -> None:
+        self._closing = True
+        self._refit_wanted.set()
+        if self._refitter.is_alive() and self._refitter is not threading.current_thread():
+            self._refitter.join(timeout=60)
 
     def _count_outcome(self, key: str, outcome: str | None) -> None:
         rec = self._records.get(key, TrackRecord())
@@ -342,6 +408,8 @@ class Deja(Governance):
     def check(self, events: Sequence[EventIn], *, dry_run: bool = False,
               actor: Principal = SYSTEM) -> list[Verdict]:
         """Score and decide each event; unless ``dry_run``, audit each verdict before returning."""
+        # Calibration is current for every check: a refit the KB's growth made due runs first.
+        self.refit_if_due()
         policy = self.policy  # one policy for the whole call, whatever happens meanwhile
         prepared = _prepare(events)
         vectors, fresh = self.cache.embed_unsaved([p.fingerprint for p in prepared],
@@ -577,7 +645,9 @@ class Deja(Governance):
                          "density_exponent": self.scorer.beta_,
                          "separation_auroc": self.scorer.separation_,
                          "references": {k: len(v) for k, v in refs.items()},
-                         "fitted_groups": self.scorer.fitted_groups_},
+                         "fitted_groups": self.scorer.fitted_groups_,
+                         # The KB grew past the fit: the next check (or a pause) refits.
+                         "refit_pending": self._refit_due is not None},
             cache=self.cache.stats.as_dict())
 
 

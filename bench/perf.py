@@ -376,7 +376,9 @@ def bench_model(plan: Plan, events: Events) -> dict[str, Any]:
 
     served = Settings().embedder
     backends = [served] + (["torch"] if served != "torch" else [])
-    encoders = {b: create_encoder(backend=b, batch_size=64) for b in backends}
+    # Each runtime at the batch size the service uses with it.
+    encoders = {b: create_encoder(backend=b) for b in backends}
+    sizes = {b: int(getattr(e, "batch_size", 0)) for b, e in encoders.items()}
     for encoder in encoders.values():
         encoder.encode(texts(16))  # warm-up: first calls allocate
     p50s: dict[str, list[float]] = {b: [] for b in backends}
@@ -400,7 +402,8 @@ def bench_model(plan: Plan, events: Events) -> dict[str, Any]:
     def record(b: str) -> dict[str, Any]:
         return {"backend": b, "single_p50_ms": figure(p50s[b], "ms"),
                 "single_p99_ms": figure(p99s[b], "ms"),
-                "batch64_texts_per_s": figure(rates[b], "texts/s")}
+                "batch_texts_per_s": figure(rates[b], "texts/s"),
+                "batch_size": sizes[b]}
 
     out = {**record(served), "torch_threads": torch.get_num_threads(),
            "others": [record(b) for b in backends[1:]]}
@@ -445,7 +448,7 @@ def bench_service(plan: Plan, events: Events, workdir: Path,
     """Ingest, checks and feedback over HTTP against one ``deja serve``."""
     out: dict[str, Any] = {}
     model_p50 = model["single_p50_ms"]["value"] if model else math.nan
-    model_rate = model["batch64_texts_per_s"]["value"] if model else math.nan
+    model_rate = model["batch_texts_per_s"]["value"] if model else math.nan
     with deja_server(workdir, "service") as running:
         client = running.client
         out["rss_start_mib"] = running.rss_mib()
@@ -852,9 +855,11 @@ def markdown(result: dict[str, Any]) -> str:
              + ("; the service's runtime: every ratio below is to it" if served else "")),
             (f"model ({m.get('backend', 'torch')}): one text, p99", _v(m["single_p99_ms"]) + " ms",
              _runs(m["single_p99_ms"]), ""),
-            (f"model ({m.get('backend', 'torch')}): batch of 64",
-             _v(m["batch64_texts_per_s"], 0) + " texts/s", _runs(m["batch64_texts_per_s"], 0),
-             f"torch threads {model['torch_threads']}" if m.get("backend") == "torch" else ""),
+            (f"model ({m.get('backend', 'torch')}): batches of {m.get('batch_size', 64)}",
+             _v(m["batch_texts_per_s"], 0) + " texts/s", _runs(m["batch_texts_per_s"], 0),
+             "length-sorted, the service's batch size for this runtime"
+             + (f"; torch threads {model['torch_threads']}" if m.get("backend") == "torch"
+                else "")),
         ]
     svc = result.get("service") or {}
     if svc:

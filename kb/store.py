@@ -14,10 +14,8 @@ transaction that changed the table commits (see :meth:`Store.after_commit`).
 from __future__ import annotations
 
 import atexit
-import contextlib
 import json
 import logging
-import os
 import threading
 import time
 import uuid
@@ -54,9 +52,8 @@ INCIDENT_CACHE = 20_000
 _NESTED_ROWS = 64
 #: The journal's flusher waits up to this long (seconds) or this many checks before applying
 #: them to DuckDB in one transaction; readers never wait for it (they apply what is pending).
-FLUSH_DELAY = 0.25
-FLUSH_GROUPS = 256
-FLUSH_NICE = 10
+FLUSH_DELAY = 1.0
+FLUSH_GROUPS = 1024
 
 log = logging.getLogger(__name__)
 
@@ -401,10 +398,6 @@ class Store(EscalationStore, GovernanceStore):
             self._flusher = None
 
     def _flush_loop(self) -> None:
-        # Applying is background work: at a lower priority it yields the cores to the model and
-        # the requests the journal already answered for (Linux sets it per thread).
-        with contextlib.suppress(OSError, AttributeError):
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), FLUSH_NICE)
         while not self._closing:
             self._flush_wanted.wait()
             self._flush_wanted.clear()
