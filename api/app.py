@@ -7,6 +7,7 @@ never block the event loop.
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -83,6 +84,13 @@ from kb import (
 
 log = logging.getLogger("deja.http")
 
+
+class ReadOnly(DejaError):
+    """A write sent to a read-only replica (``DEJA_READ_ONLY``)."""
+
+    field = "dry_run"
+
+
 _STATUS: dict[type[DejaError], tuple[int, str]] = {
     IncidentNotFound: (404, "incident_not_found"),
     DecisionNotFound: (404, "decision_not_found"),
@@ -94,6 +102,7 @@ _STATUS: dict[type[DejaError], tuple[int, str]] = {
     Forbidden: (403, "forbidden"),
     InvalidInput: (422, "invalid"),
     DataDirLocked: (503, "data_dir_locked"),
+    ReadOnly: (405, "read_only"),
 }
 
 
@@ -207,11 +216,24 @@ class _Guard:
             await _error(503, "overloaded", "too many requests in flight; retry shortly",
                          None, {"Retry-After": "1"})(scope, receive, send)
             return
+        if (self.settings.read_only and scope["method"] not in _READS
+                and scope["path"] not in _READ_POSTS
+                and not _BACKTEST.fullmatch(scope["path"])):
+            await _error(405, "read_only", "this Deja is a read-only replica: send writes to "
+                         "the writer", None, {"Allow": "GET, HEAD"})(scope, receive, send)
+            return
         self.inflight += 1
         try:
             await self.app(scope, receive, send)
         finally:
             self.inflight -= 1
+
+
+#: What a read-only replica serves: reads, dry-run checks (the route refuses others) and
+#: backtests, which replay stored history without writing it.
+_READS = frozenset({"GET", "HEAD", "OPTIONS"})
+_READ_POSTS = frozenset({"/v1/check", "/v1/check/batch"})
+_BACKTEST = re.compile(r"/v1/policies/[^/]+/backtest")
 
 
 def _install_errors(app: FastAPI, settings: Settings) -> None:
@@ -332,12 +354,12 @@ def _install_routes(app: FastAPI, settings: Settings) -> None:
     # again. The schema still names the response model.
     @app.post("/v1/check", response_model=Verdict)
     def check(body: CheckIn, deja: DejaDep, who: Viewer) -> Response:
-        _may_check(who, body.dry_run)
+        _may_check(who, body.dry_run, settings)
         return _json_response(run_checks(deja, [body], body.dry_run, who)[0])
 
     @app.post("/v1/check/batch", response_model=BatchVerdicts)
     def check_batch(body: BatchCheckIn, deja: DejaDep, who: Viewer) -> Response:
-        _may_check(who, body.dry_run)
+        _may_check(who, body.dry_run, settings)
         return _json_response(BatchVerdicts(
             results=run_checks(deja, body.events, body.dry_run, who)))
 
@@ -495,7 +517,10 @@ def _json_response(model: BaseModel, status_code: int = 200) -> Response:
                     media_type="application/json")
 
 
-def _may_check(who: Principal, dry_run: bool) -> None:
+def _may_check(who: Principal, dry_run: bool, settings: Settings) -> None:
+    if not dry_run and settings.read_only:
+        raise ReadOnly("dry_run: this Deja is a read-only replica; only dry-run checks "
+                       "(\"dry_run\": true) are served, send audited checks to the writer")
     # Viewers may look (dry runs write nothing); acting on a verdict needs an operator.
     if not dry_run and not who.has("operator"):
         raise Forbidden(f"role {who.role} may only make dry-run checks; it needs operator")

@@ -50,6 +50,8 @@ def restore(backup_dir: Path, data_dir: Path) -> dict[str, Any]:
     data_dir.mkdir(parents=True, exist_ok=True)
     if (data_dir / "deja.duckdb").exists():
         raise FileExistsError(f"{data_dir} already holds a knowledge base")
+    # A check journal left without its KB belongs to no backup: never replay it into this one.
+    (data_dir / "deja.duckdb.journal").unlink(missing_ok=True)
     for name in _FILES:
         if (backup_dir / name).exists():
             shutil.copy2(backup_dir / name, data_dir / name)

@@ -144,7 +144,8 @@ class Deja(Governance):
         self._refitter.start()
         _OPEN.add(self)
         self.desk = EscalationDesk(
-            store, settings.routing, sweep_seconds=settings.sweep_seconds,
+            store, settings.routing,
+            sweep_seconds=0.0 if settings.read_only else settings.sweep_seconds,
             changes_window=timedelta(hours=settings.changes_hours),
             notify_backoff=settings.notify_backoff_seconds,
             notify_attempts=settings.notify_attempts)

@@ -53,6 +53,9 @@ class Settings(BaseSettings):
     notify_backoff_seconds: float = 1.0
     #: Delivery attempts per webhook notification.
     notify_attempts: int = 5
+    #: A read replica (restored from a writer's backup): every write is refused with 405 (a check
+    #: only as a dry run), and no SLA sweep pages anyone from this copy.
+    read_only: bool = False
 
 
 def get_settings(**overrides: object) -> Settings:

@@ -212,6 +212,7 @@ class Store(EscalationStore, GovernanceStore):
         self._journal: Journal | None = None
         self._flusher: threading.Thread | None = None
         self._flush_wanted = threading.Event()
+        self._flush_now = threading.Event()
         self._closing = False
         with self._write_lock:
             migrate(self._con)
@@ -316,6 +317,8 @@ class Store(EscalationStore, GovernanceStore):
                     for key, vec in zip(data["keys"], decode_matrix(data["m"]), strict=True):
                         self._pending_vectors[(data["model"], key)] = vec
         self._flush_wanted.set()
+        if len(self._pending) >= FLUSH_GROUPS:
+            self._flush_now.set()
 
     def _write(self, ops: list[Op]) -> None:
         """Record ``ops`` in the open deferred group, or apply them in a transaction now."""
@@ -393,6 +396,7 @@ class Store(EscalationStore, GovernanceStore):
     def _stop_flusher(self) -> None:
         self._closing = True
         self._flush_wanted.set()
+        self._flush_now.set()
         if self._flusher is not None:
             self._flusher.join(timeout=10)
             self._flusher = None
@@ -402,10 +406,8 @@ class Store(EscalationStore, GovernanceStore):
             self._flush_wanted.wait()
             self._flush_wanted.clear()
             # Let a burst of checks gather: one transaction applies them all.
-            deadline = time.monotonic() + FLUSH_DELAY
-            while (not self._closing and len(self._pending) < FLUSH_GROUPS
-                   and time.monotonic() < deadline):
-                time.sleep(0.01)
+            self._flush_now.wait(FLUSH_DELAY)
+            self._flush_now.clear()
             try:
                 self.sync()
             except Exception:

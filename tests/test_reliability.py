@@ -126,9 +126,24 @@ def test_backup_then_restore_answers_the_same_verdicts(tmp_path: Path) -> None:
     out = subprocess.run([*deja_command(), "restore", str(tmp_path / "backup"), str(restored)],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    copy = Server(restored)
+    # Served as a read replica: reads and dry runs answer, every write is refused.
+    copy = Server(restored, env={"DEJA_READ_ONLY": "true"})
     copy.start(read_key=False)
-    after = copy.client(server.key).post("/v1/check/batch", json=checks).json()["results"]
+    replica = copy.client(server.key)
+    after = replica.post("/v1/check/batch", json=checks).json()["results"]
+    kept = replica.get("/v1/stats").json()
+    audited = replica.post("/v1/check", json=demo_checks(0)[0])
+    assert audited.status_code == 405, audited.text
+    assert audited.json()["error"]["field"] == "dry_run"
+    for path, body in [("/v1/events", {"events": demo_kb(0)[:1]}),
+                       ("/v1/changes", {"service": "db", "summary": "deploy"}),
+                       (f"/v1/decisions/{before[0]['decision_id'] or 'x'}/feedback",
+                        {"correct": True})]:
+        r = replica.post(path, json=body)
+        assert r.status_code == 405 and r.json()["error"]["code"] == "read_only", (path, r.text)
+    assert replica.post("/v1/policies/1/backtest").status_code == 200
+    assert replica.get("/v1/stats").json()["incidents"] == kept["incidents"]
+    assert replica.get("/v1/decisions").json() == replica.get("/v1/decisions").json()
     copy.stop()
     assert [v["decision"] for v in after] == [v["decision"] for v in before]
     assert [round(v["novelty"]["score"], 6) for v in after] == \
