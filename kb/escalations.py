@@ -67,10 +67,15 @@ def insert_escalation_events(cur: duckdb.DuckDBPyConnection,
 
 def count_joins(cur: duckdb.DuckDBPyConnection, joins: dict[str, tuple[int, datetime]]) -> None:
     """Add ``n`` events to each escalation id, its last event at ``at``."""
-    for escalation_id, (n, at) in joins.items():
-        cur.execute("UPDATE escalations SET events = events + ?, "
-                    "last_event_at = greatest(last_event_at, ?) WHERE escalation_id = ?",
-                    [n, at, escalation_id])
+    if not joins:
+        return
+    # One statement for any number of escalations: the flusher applies a second of checks.
+    ids = list(joins)
+    cur.execute("UPDATE escalations SET events = events + j.n, "
+                "last_event_at = greatest(last_event_at, j.at) FROM "
+                "(SELECT unnest($1) AS id, unnest($2) AS n, unnest($3) AS at) AS j "
+                "WHERE escalations.escalation_id = j.id",
+                [ids, [joins[i][0] for i in ids], [joins[i][1] for i in ids]])
 
 
 def _loads(value: Any) -> Any:

@@ -235,8 +235,19 @@ def test_handoffs_opened_by_many_checks_apply_in_one_batch_intact(tmp_path: Path
             store.add_escalation(rec, {"title": rec.fingerprint})
     assert store.active_escalation_ids([r.fingerprint for r in opened]) == {
         r.fingerprint: r.escalation_id for r in opened}
-    for rec in opened:
+    later = datetime.now(UTC) + timedelta(minutes=5)
+    with store.deferred():  # the first two are joined, twice and once, in one batch
+        store.join_escalation("esc-0", [("dec-a", {"title": "a"}), ("dec-b", {"title": "b"})],
+                              later)
+        store.join_escalation("esc-1", [("dec-c", {"title": "c"})], later)
+    for rec, joined in zip(opened, (2, 1, 0), strict=True):
+        got = store.get_escalation(rec.escalation_id)
+        assert got is not None and got.events == 1 + joined
+        assert got.last_event_at == (later if joined else rec.last_event_at)
+        assert len(store.escalation_events(rec.escalation_id)) == 1 + joined
+    for rec in opened[2:]:
         assert store.get_escalation(rec.escalation_id) == rec
+    for rec in opened[2:]:
         assert store.escalation_events(rec.escalation_id) == [
             (rec.decision_id, {"title": rec.fingerprint})]
     store.close()
