@@ -338,15 +338,7 @@ class Store(EscalationStore, GovernanceStore):
                 batch = list(self._pending)
             if not batch:
                 return
-            cur = self._raw_cur()
-            cur.execute("BEGIN TRANSACTION")
-            try:
-                _apply(cur, [op for _, ops in batch for op in ops])
-                cur.execute("UPDATE journal_state SET applied_seq = ?", [batch[-1][0]])
-                cur.execute("COMMIT")
-            except BaseException:
-                cur.execute("ROLLBACK")
-                raise
+            _apply_groups(self._raw_cur(), batch)
             with self._pending_lock:
                 del self._pending[:len(batch)]
                 for _, ops in batch:
@@ -376,13 +368,9 @@ class Store(EscalationStore, GovernanceStore):
         if groups:
             log.info("journal: applying %d acknowledged check(s) left by the last run",
                      len(groups))
-            cur.execute("BEGIN TRANSACTION")
             try:
-                _apply(cur, [op for _, ops in groups for op in ops])
-                cur.execute("UPDATE journal_state SET applied_seq = ?", [groups[-1][0]])
-                cur.execute("COMMIT")
+                _apply_groups(cur, groups)
             except BaseException:
-                cur.execute("ROLLBACK")
                 journal.close()
                 raise
         journal.reset()
@@ -752,6 +740,19 @@ class Store(EscalationStore, GovernanceStore):
                   UNION ALL SELECT resolution_key, outcome FROM resolution_outcomes)
             GROUP BY resolution_key""").fetchall()
         return {r[0]: (int(r[1]), int(r[2])) for r in rows}
+
+
+def _apply_groups(cur: duckdb.DuckDBPyConnection, groups: Sequence[tuple[int, list[Op]]]
+                  ) -> None:
+    """Apply journal groups in one transaction that also records the last one as applied."""
+    cur.execute("BEGIN TRANSACTION")
+    try:
+        _apply(cur, [op for _, ops in groups for op in ops])
+        cur.execute("UPDATE journal_state SET applied_seq = ?", [groups[-1][0]])
+        cur.execute("COMMIT")
+    except BaseException:
+        cur.execute("ROLLBACK")
+        raise
 
 
 def _apply(cur: duckdb.DuckDBPyConnection, ops: Sequence[Op]) -> None:
