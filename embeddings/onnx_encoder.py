@@ -129,7 +129,8 @@ def _cosines(a: Vectors, b: Vectors) -> Vectors:
 
 #: Texts per ONNX Runtime call on bulk work. Batches are sorted by length, and small ones pad
 #: least: on 2 cores, 512 alert texts embedded at 48 / 46 / 44 / 39 texts/s with batches of
-#: 8 / 16 / 32 / 64 (medians of 4; /tmp-free lab script in the issue-7 closing note).
+#: 8 / 16 / 32 / 64 (medians of 4, one throwaway run; ``python -m bench.perf`` reports the
+#: rate at the size in use).
 ONNX_BATCH = 16
 
 
