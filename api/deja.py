@@ -12,7 +12,8 @@ import threading
 import time
 import uuid
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -74,11 +75,14 @@ log = logging.getLogger("deja")
 
 INDEX_FILE = "index.faiss"
 DB_FILE = "deja.duckdb"
-#: A refit the KB's growth made due runs once the KB has not grown for this long (seconds), or
+#: A refit the KB's growth made due runs once no ingest has run for this long (seconds), or
 #: once it has been due this long under continuous ingest; a check never waits longer than the
 #: refit itself: it runs a due refit first. So a bulk load fits once, not every 5% of growth.
 REFIT_QUIET = 0.5
 REFIT_MAX_DELAY = 30.0
+#: Under continuous ingest, background refits take at most this share of the time: a refit
+#: holds the KB lock, and its cost grows with the KB, so a fit of T seconds waits T / share.
+REFIT_MAX_SHARE = 0.05
 
 #: Open instances with a refit thread, stopped at exit before daemon threads are killed.
 _OPEN: weakref.WeakSet[Deja] = weakref.WeakSet()
@@ -133,10 +137,14 @@ class Deja(Governance):
         self._saved_vectors = 0
         self._records: dict[str, TrackRecord] = {}
         self._resolutions: dict[str, dict[str, Any]] = {}
-        # When a refit fell due (monotonic seconds; None: the fit is current) and the KB last
-        # grew; the refit thread waits for ingest to pause.
+        # When a refit fell due (monotonic seconds; None: the fit is current), how many ingests
+        # run, when the last ended and how long the last fit took; the refit thread waits for
+        # ingest to pause.
         self._refit_due: float | None = None
-        self._grew_at = 0.0
+        self._ingest_lock = threading.Lock()  # not _mutate: a running refit holds that
+        self._ingesting = 0
+        self._ingest_ended = 0.0
+        self._fit_seconds = 0.0
         self._refit_wanted = threading.Event()
         self._closing = False
         self._refitter = threading.Thread(target=self._refit_loop, name="deja-refit",
@@ -313,20 +321,34 @@ class Deja(Governance):
     def ingest(self, events: Sequence[EventIn], *, actor: Principal = SYSTEM
                ) -> list[tuple[str, bool]]:
         """Add past incidents; they are searchable when this returns. ``(id, created)`` each."""
-        prepared = _prepare(events)
-        # Embed before writing: a model failure then leaves nothing half-written.
-        vectors = self.cache.embed([p.fingerprint for p in prepared],
-                                   [p.masked for p in prepared])
-        with self._mutate:
-            with self.store.transaction():
-                added = self.store.add_incidents([_new_incident(p, "ingest") for p in prepared])
-                self.store.audit(actor.actor, actor.role, "ingest", None,
-                                 {"events": len(prepared),
-                                  "created": sum(1 for _, c in added if c)})
-            fresh = [i for i, (_, created) in enumerate(added) if created]
-            self._learn([(added[i][0], prepared[i]) for i in fresh], vectors[fresh])
+        with self._ingest_running():
+            prepared = _prepare(events)
+            # Embed before writing: a model failure then leaves nothing half-written.
+            vectors = self.cache.embed([p.fingerprint for p in prepared],
+                                       [p.masked for p in prepared])
+            with self._mutate:
+                with self.store.transaction():
+                    added = self.store.add_incidents(
+                        [_new_incident(p, "ingest") for p in prepared])
+                    self.store.audit(actor.actor, actor.role, "ingest", None,
+                                     {"events": len(prepared),
+                                      "created": sum(1 for _, c in added if c)})
+                fresh = [i for i, (_, created) in enumerate(added) if created]
+                self._learn([(added[i][0], prepared[i]) for i in fresh], vectors[fresh])
         return [(p.event.id or kb_ref(kb_id), created)
                 for p, (kb_id, created) in zip(prepared, added, strict=True)]
+
+    @contextmanager
+    def _ingest_running(self) -> Iterator[None]:
+        """Mark an ingest in progress (embedding included): a due refit waits for a pause."""
+        with self._ingest_lock:
+            self._ingesting += 1
+        try:
+            yield
+        finally:
+            with self._ingest_lock:
+                self._ingesting -= 1
+                self._ingest_ended = time.monotonic()
 
     def _learn(self, rows: list[tuple[int, _Prepared]], vectors: np.ndarray[Any, Any]) -> None:
         """Index committed incidents and update track records; refit when the KB grew enough."""
@@ -343,9 +365,8 @@ class Deja(Governance):
         self._last_kb_id = max(self._last_kb_id, max(kb for kb, _ in rows))
         fitted = self.scorer.fitted_groups_
         if self.scorer.groups - fitted >= max(1, fitted // 20):
-            self._grew_at = time.monotonic()
             if self._refit_due is None:
-                self._refit_due = self._grew_at
+                self._refit_due = time.monotonic()
             self._refit_wanted.set()
         if self.index.ntotal - self._saved_vectors >= self.settings.index_save_every:
             self.save_index()
@@ -357,7 +378,9 @@ class Deja(Governance):
         with self._mutate:
             if self._refit_due is None:
                 return False
+            t0 = time.monotonic()
             self.scorer.fit()
+            self._fit_seconds = time.monotonic() - t0
             self._refit_due = None
             return True
 
@@ -367,8 +390,10 @@ class Deja(Governance):
             self._refit_wanted.clear()
             while not self._closing and self._refit_due is not None:
                 now = time.monotonic()
-                if (now - self._grew_at >= REFIT_QUIET
-                        or now - self._refit_due >= REFIT_MAX_DELAY):
+                if self._ingesting == 0 and now - self._ingest_ended >= REFIT_QUIET:
+                    break
+                if now - self._refit_due >= max(REFIT_MAX_DELAY,
+                                                self._fit_seconds / REFIT_MAX_SHARE):
                     break
                 time.sleep(0.05)
             if not self._closing:
