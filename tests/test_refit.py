@@ -16,6 +16,7 @@ from api.schemas import EventIn
 from api.settings import Settings
 from embeddings import HashingEncoder
 from embeddings.encoder import Vectors
+from novelty import NoveltyScorer
 
 
 class SlowEncoder(HashingEncoder):
@@ -56,9 +57,10 @@ def _count_fits(deja: Deja) -> list[float]:
     scorer = deja.scorer
     fit = scorer.fit
 
-    def counted() -> None:
-        fit()
+    def counted() -> NoveltyScorer:
+        fitted = fit()
         fits.append(time.monotonic())
+        return fitted
 
     scorer.fit = counted  # type: ignore[method-assign]
     return fits
