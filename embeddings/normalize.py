@@ -61,6 +61,30 @@ _MASKS: list[tuple[re.Pattern[str], str]] = [
     (re.compile(r"\b(?=[0-9a-fA-F]*\d)(?=[0-9a-fA-F]*[a-fA-F])[0-9a-fA-F]{6,}\b"), "<HEX>"),
 ]
 
+# Per rule of _MASKS: whether every match contains a digit, and strings one of which every match
+# contains. Read off the patterns; tests/test_normalize.py checks the masking against the rules
+# applied without guards.
+_GUARDS: list[tuple[bool, tuple[str, ...]]] = [
+    (False, ("-",)),  # UUID
+    (False, ("@",)),  # e-mail
+    (True, (".",)),  # IPv4
+    (False, (":", "-")),  # MAC
+    (True, ("/",)),  # web-server timestamp
+    (False, (":",)),  # IPv6, eight groups
+    (False, ("::",)),  # IPv6, compressed
+    (True, ("-",)),  # ISO-8601
+    (True, ("/", ".")),  # dates with / or .
+    (True, (":",)),  # clock times
+    (False, ("-",)),  # pod, deployment
+    (True, ("-",)),  # pod, bare
+    (True, (".",)),  # host, two dots
+    (True, ("-",)),  # host, one dot and a numbered label
+    (True, ("ip-",)),  # cloud instance names
+    (True, ("0x", "0X")),  # 0x hex
+    (True, ()),  # hashes and hex ids
+]
+_DIGIT = re.compile(r"\d")
+
 # An HTTP status code is kept when something nearby says it is one.
 _HTTP_CODE = re.compile(
     r"(?i)(?:\bhttp(?:/(?:\d(?:\.\d)?|<NUM>(?:\.<NUM>)?))?|\bstatus(?:[ _]?code)?|\bcode"
@@ -101,12 +125,23 @@ def mask(text: str) -> str:
 
 
 def _mask_once(text: str) -> str:
+    # Rules are skipped when the text lacks what every match of theirs contains (see _GUARDS):
+    # the result is the same, and a second pass over masked text, mostly free of digits, then
+    # costs a few scans instead of twenty.
+    # Masking never adds a digit (placeholders have none), so one look serves the whole pass.
+    digits = _DIGIT.search(text) is not None
     out = text
-    for pattern, placeholder in _MASKS:
+    for (pattern, placeholder), (needs_digit, needs_any) in zip(_MASKS, _GUARDS, strict=True):
+        if needs_digit and not digits:
+            continue
+        if needs_any and not any(c in out for c in needs_any):
+            continue
         out = pattern.sub(placeholder, out)
-    out = _HTTP_CODE.sub(_shield_code, out)
-    out = _NUMBER.sub("<NUM>", out)
-    out = _INNER_DIGITS.sub("<NUM>", out)
+    if digits:
+        out = _HTTP_CODE.sub(_shield_code, out)
+        out = _NUMBER.sub("<NUM>", out)
+        out = _INNER_DIGITS.sub("<NUM>", out)
+    # Unconditional: a text may carry the shield's private-use characters itself.
     out = out.translate(_UNSHIELD)
     return _WS.sub(" ", out).strip()
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+import random
 import re
 
 import pytest
@@ -173,3 +175,71 @@ def test_mask_never_raises_and_returns_trimmed_text(text: str) -> None:
 @given(_TEXTS)
 def test_mask_leaves_no_run_of_four_digits(text: str) -> None:
     assert re.search(r"\d{4,}", mask(text)) is None
+
+
+# -- the guards of _mask_once change nothing ------------------------------------------------------
+
+# The module (the package's ``normalize`` attribute is the function).
+N = importlib.import_module("embeddings.normalize")
+
+
+def _mask_unguarded(text: str) -> str:
+    """:func:`mask` with every rule applied to every text, as the rules read."""
+    def once(text: str) -> str:
+        out = text
+        for pattern, placeholder in N._MASKS:
+            out = pattern.sub(placeholder, out)
+        out = N._HTTP_CODE.sub(N._shield_code, out)
+        out = N._NUMBER.sub("<NUM>", out)
+        out = N._INNER_DIGITS.sub("<NUM>", out)
+        out = out.translate(N._UNSHIELD)
+        return N._WS.sub(" ", out).strip()
+
+    out = once(text)
+    for _ in range(3):
+        again = once(out)
+        if again == out:
+            break
+        out = again
+    return out
+
+
+def test_every_rule_has_a_guard() -> None:
+    assert len(N._GUARDS) == len(N._MASKS)
+
+
+# The guards' own characters, Unicode digits and the shield's private-use characters.
+_GUARDED = st.lists(st.sampled_from(
+    [*"0123456789abcdefxXipABCDEFGT:-./@_%= \n", "٣", "\ue001", "::", "ip-", "0x"]),
+    max_size=60).map("".join)
+
+
+@pytest.mark.parametrize("text", [
+    # Each rule matching with as few of the guards' characters as it can have.
+    "id abcdefab-abcd-abcd-abcd-abcdefabcdef", "mail ops@example.com", "mac aa-bb-cc-dd-ee-ff",
+    "mac aa:bb:cc:dd:ee:ff", "v6 dead:beef:cafe:babe:dead:beef:cafe:babe", "v6 fe80::", "v6 ::",
+    "pod api-bcdfghj-bcdfg", "pod api-bc2fg", "host db-7.prod", "ip-10-0-3-17 up", "ptr 0XFF",
+    "seen 12/Mar/2024:10:00:00 +0000", "on 2024.03.12", "at 10:00:00", "hash deadbeef1",
+    "status 503", "\ue001\ue002 shielded", "٣٤ arabic digits", "a.b.c-9.example",
+])
+def test_guarded_masking_equals_the_rules_on_each_rules_edge(text: str) -> None:
+    assert mask(text) == _mask_unguarded(text)
+
+
+@settings(max_examples=1500, deadline=None)
+@given(st.one_of(_TEXTS, _GUARDED))
+def test_guarded_masking_equals_the_rules_applied_everywhere(text: str) -> None:
+    assert mask(text) == _mask_unguarded(text)
+
+
+def test_guarded_masking_equals_the_rules_on_real_logs_and_alerts() -> None:
+    from api.scenarios import load_catalogue, render_event
+    from bench.loghub import discover_systems, load_system
+
+    texts = [canonical_text(render_event(rule, random.Random(i), with_resolution=False))
+             for i, rule in enumerate(load_catalogue())]
+    for system in discover_systems():
+        texts += [line.content for line in load_system(system)[:300]]
+    assert len(texts) > 1000
+    for text in texts:
+        assert mask(text) == _mask_unguarded(text), text
