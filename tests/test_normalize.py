@@ -186,14 +186,15 @@ N = importlib.import_module("embeddings.normalize")
 def _mask_unguarded(text: str) -> str:
     """:func:`mask` with every rule applied to every text, as the rules read."""
     def once(text: str) -> str:
-        out = text
+        out: str = text
         for pattern, placeholder in N._MASKS:
             out = pattern.sub(placeholder, out)
         out = N._HTTP_CODE.sub(N._shield_code, out)
         out = N._NUMBER.sub("<NUM>", out)
         out = N._INNER_DIGITS.sub("<NUM>", out)
         out = out.translate(N._UNSHIELD)
-        return N._WS.sub(" ", out).strip()
+        collapsed: str = N._WS.sub(" ", out)
+        return collapsed.strip()
 
     out = once(text)
     for _ in range(3):
