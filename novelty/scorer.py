@@ -50,7 +50,14 @@ from sklearn.metrics import roc_auc_score
 from embeddings.normalize import lexical_tokens
 from novelty.calibration import Reference
 from novelty.index import VectorIndex
-from novelty.templates import TemplateMiner, contradiction, merge, same_words, words
+from novelty.templates import (
+    TemplateMiner,
+    constants,
+    contradiction,
+    merge,
+    same_words,
+    words,
+)
 
 __all__ = ["Item", "Neighbour", "NoveltyResult", "NoveltyScorer", "Query"]
 
@@ -177,6 +184,7 @@ class NoveltyScorer:
         # ("... action:TIME_TICK" / "... action:SCREEN_ON") are apart once operators resolved
         # them differently. Groups without a resolution form their kind's problem ``None``.
         self._problem_template: dict[tuple[int, str | None], list[str]] = {}
+        self._problem_words: dict[tuple[int, str | None], frozenset[str]] = {}
         self._problem_groups: dict[tuple[int, str | None], list[int]] = {}
         self._problem_df: dict[tuple[int, str | None], Counter[str]] = {}
         self._lock = threading.RLock()
@@ -242,10 +250,18 @@ class NoveltyScorer:
                 self._leave_problem(gid, (self._kind[gid], None))
             self._join_problem(gid, (self._kind[gid], key))
 
+    def _template_words(self, problem: tuple[int, str | None]) -> frozenset[str]:
+        """The words of a problem's template (its constants), kept until the template changes."""
+        found = self._problem_words.get(problem)
+        if found is None:
+            found = self._problem_words[problem] = constants(self._problem_template[problem])
+        return found
+
     def _join_problem(self, gid: int, problem: tuple[int, str | None]) -> None:
         seq = self._seq[gid]
         template = self._problem_template.get(problem)
         self._problem_template[problem] = merge([template, seq]) if template else list(seq)
+        self._problem_words.pop(problem, None)
         self._problem_groups.setdefault(problem, []).append(gid)
         self._problem_df.setdefault(problem, Counter()).update(self._tokens[gid])
 
@@ -255,6 +271,7 @@ class NoveltyScorer:
             return
         groups.remove(gid)
         self._problem_df[problem].subtract(self._tokens[gid])
+        self._problem_words.pop(problem, None)
         if groups:
             self._problem_template[problem] = merge([self._seq[g] for g in groups])
         else:
@@ -407,20 +424,20 @@ class NoveltyScorer:
             if near:
                 own = [self._seq[m] for m in self._problem_groups[problem] if m != g]
                 pos.append(_Loo(g, near, self._lexical(mine, [o for o, _ in near], alone),
-                                self._kin_contradiction(g, seq, own), len(own) >= 1))
+                                self._kin_contradiction(g, own), len(own) >= 1))
             far = [(o, c) for o, c in row if not self._related(g, o)][: self.candidates]
             if far:
                 held_out = self._problem_df[problem]
                 lex = self._lexical(mine, [o for o, _ in far], held_out)
-                neg.append(_Loo(g, far, lex, functools.partial(self._contradiction, seq),
-                                False))
+                neg.append(_Loo(g, far, lex, functools.partial(
+                    self._contradiction, seq, seq_words=self._words[g]), False))
         return pos, neg
 
-    def _kin_contradiction(self, g: int, seq: list[str], own: list[list[str]]
-                           ) -> Callable[[int], float]:
+    def _kin_contradiction(self, g: int, own: list[list[str]]) -> Callable[[int], float]:
         """Contradiction of held-out ``g`` with a neighbour: one of its own problem judges it by
         the template of the problem's other members (merged once, if ever needed)."""
         problem = self._problem(g)
+        seq, seq_words = self._seq[g], self._words[g]
         template: list[list[str] | None] = []
 
         def of(other: int) -> float:
@@ -429,14 +446,19 @@ class NoveltyScorer:
                     template.append(merge(own))
                 if template[0]:
                     return contradiction(seq, template[0])
-            return self._contradiction(seq, other)
+            return self._contradiction(seq, other, seq_words)
         return of
 
-    def _contradiction(self, seq: list[str], gid: int) -> float:
-        template = self._problem_template[self._problem(gid)]
+    def _contradiction(self, seq: list[str], gid: int,
+                       seq_words: frozenset[str] | None = None) -> float:
+        """Contradiction of the masked tokens ``seq`` with group ``gid``'s problem template;
+        ``seq_words`` is ``words(seq)`` when the caller has it."""
+        problem = self._problem(gid)
+        template = self._problem_template[problem]
         if len(seq) == len(template):
             return contradiction(seq, template)
-        if same_words(words(seq), template, self._words[gid]):
+        if same_words(words(seq) if seq_words is None else seq_words,
+                      self._template_words(problem), self._words[gid]):
             return 0.0
         m = contradiction(seq, template)
         p = self.length_penalty_.get(self._service[gid] or GLOBAL,
@@ -466,8 +488,9 @@ class NoveltyScorer:
             for o, _ in row:
                 if o == g or len(self._seq[o]) == length or not self._resolutions[o]:
                     continue
-                template = self._problem_template[self._problem(o)]
-                if same_words(self._words[g], template, self._words[o]):
+                problem = self._problem(o)
+                template = self._problem_template[problem]
+                if same_words(self._words[g], self._template_words(problem), self._words[o]):
                     continue
                 if contradiction(self._seq[g], template) > 0.5:
                     break
@@ -655,10 +678,12 @@ class NoveltyScorer:
         ref = self.reference_for(q.service)
         t = min(max(self.raw_threshold(ref, alpha), floor), self.MAX_THRESHOLD)
         seq = q.masked.split()
+        seq_words = words(seq)
         exact = q.fingerprint in self._fp_gid
         best = ranked[: self.TOP]
         contra = [0.0 if exact and i == 0 else
-                  self._contradiction(seq, self._rep_gid[n.kb_ids[0]]) for i, n in enumerate(best)]
+                  self._contradiction(seq, self._rep_gid[n.kb_ids[0]], seq_words)
+                  for i, n in enumerate(best)]
         each = [(n.similarity, self._rep_gid[n.kb_ids[0]], m)
                 for n, m in zip(best, contra, strict=True)]
         raw, arg = _combine(each, self._factor, self.beta_, self.gamma_)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-__all__ = ["TemplateMiner", "contradiction", "merge", "same_words", "words"]
+__all__ = ["TemplateMiner", "constants", "contradiction", "merge", "same_words", "words"]
 
 _WILD = "<*>"
 
@@ -86,13 +86,20 @@ def contradiction(tokens: list[str], template: list[str]) -> float:
         / len(template)
 
 
-def same_words(tokens: frozenset[str], template: list[str], example: frozenset[str]) -> bool:
+def same_words(tokens: frozenset[str], constants: frozenset[str], example: frozenset[str]
+               ) -> bool:
     """Whether an event of another length uses exactly the words (:func:`words`) of a kind:
-    its template's constants plus those of ``example`` (a member, standing for the words its
-    ``<*>`` took). Then only a list grew or shrank (``delete blk_<NUM> blk_<NUM> …``); a field
-    more or less (``… rhost=<IP> user=root``) is another structure.
+    its template's ``constants`` (:func:`constants`) plus those of ``example`` (a member,
+    standing for the words its ``<*>`` took). Then only a list grew or shrank
+    (``delete blk_<NUM> blk_<NUM> …``); a field more or less (``… rhost=<IP> user=root``) is
+    another structure.
     """
-    return tokens == example | words(t for t in template if t != _WILD)
+    return tokens == example | constants
+
+
+def constants(template: list[str]) -> frozenset[str]:
+    """The words of a template's constant positions."""
+    return words(t for t in template if t != _WILD)
 
 
 def words(tokens: Iterable[str]) -> frozenset[str]:
