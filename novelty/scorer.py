@@ -633,9 +633,11 @@ class NoveltyScorer:
             return []
         vecs = np.stack([q.vector for q in queries]).astype(np.float32)
         cands = self._candidates(vecs, max(k, self.candidates))
-        return [self._rank(q, row)[:k] for q, row in zip(queries, cands, strict=True)]
+        return [self._rank(q, row, k)[0] for q, row in zip(queries, cands, strict=True)]
 
-    def _rank(self, q: Query, row: list[tuple[int, float]]) -> list[Neighbour]:
+    def _rank(self, q: Query, row: list[tuple[int, float]], limit: int
+              ) -> tuple[list[Neighbour], float]:
+        """The ``limit`` best candidates by fused similarity, and the best cosine of all."""
         w = self.weight_
         tokens = lexical_tokens(q.masked)
         exact = self._fp_gid.get(q.fingerprint)
@@ -651,9 +653,11 @@ class NoveltyScorer:
         if exact is not None and not seen:
             scored.append((1.0, 1.0, 1.0, exact))
         scored.sort(key=lambda t: (-t[0], -t[1]))
-        return [Neighbour(kb_ids=tuple(self._members[g]), similarity=s, cosine=c, lexical=lx,
-                          resolutions=tuple(self._resolutions[g].most_common()))
-                for s, c, lx, g in scored]
+        # Only the shown and scored few become neighbours: a hot group has thousands of members.
+        return ([Neighbour(kb_ids=tuple(self._members[g]), similarity=s, cosine=c, lexical=lx,
+                           resolutions=tuple(self._resolutions[g].most_common()))
+                 for s, c, lx, g in scored[:limit]],
+                max((c for _, c, _, _ in scored), default=0.0))
 
     def score(self, queries: Sequence[Query], *, alpha: float | Callable[[str | None], float],
               k: int = 5, floor: Callable[[str | None], float] | None = None
@@ -667,14 +671,14 @@ class NoveltyScorer:
         cands = self._candidates(vecs, max(k, self.candidates))
         out = []
         for q, row in zip(queries, cands, strict=True):
-            ranked = self._rank(q, row)
+            ranked, max_cosine = self._rank(q, row, max(k, self.TOP))
             level = alpha(q.service) if callable(alpha) else alpha
-            out.append(self._result(q, ranked, level, k,
+            out.append(self._result(q, ranked, max_cosine, level, k,
                                     floor(q.service) if floor is not None else 0.0))
         return out
 
-    def _result(self, q: Query, ranked: list[Neighbour], alpha: float, k: int,
-                floor: float = 0.0) -> NoveltyResult:
+    def _result(self, q: Query, ranked: list[Neighbour], max_cosine: float, alpha: float,
+                k: int, floor: float = 0.0) -> NoveltyResult:
         ref = self.reference_for(q.service)
         t = min(max(self.raw_threshold(ref, alpha), floor), self.MAX_THRESHOLD)
         seq = q.masked.split()
@@ -701,7 +705,7 @@ class NoveltyScorer:
         components = {
             "distance": distance,
             "cosine": top.cosine if top else 0.0,
-            "max_cosine": max((n.cosine for n in ranked), default=0.0),
+            "max_cosine": max_cosine,
             "lexical": top.lexical if top else 0.0,
             "fused_similarity": top.similarity if top else 0.0,
             "exact_match": 1.0 if exact else 0.0,

@@ -9,10 +9,12 @@ import textwrap
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
+import kb.journal
 import kb.store
 from kb import DecisionRecord, EscalationRecord, Store
 from kb.journal import Journal
@@ -79,7 +81,7 @@ def test_deferred_writes_are_in_the_journal_and_read_at_once(tmp_path: Path,
     assert rec is not None and rec.events == 3
     assert [d for d, _ in store.escalation_events("esc-1")] == ["dec-0", "dec-1", "dec-2"]
     assert np.array_equal(store.get_vectors("m", ["fp-1"])["fp-1"], vec + 1)
-    assert Journal(tmp_path / "kb.duckdb.journal").size() == 0
+    assert list(Journal(tmp_path / "kb.duckdb.journal").read()) == []
     store.close()
 
 
@@ -99,7 +101,7 @@ def test_a_failing_check_writes_nothing(tmp_path: Path, slow_flush: None) -> Non
         store.add_decisions([_decision("dec-doomed")])
         store.add_escalation(_escalation("esc-doomed", "fp", "dec-doomed"), {"title": "x"})
         raise RuntimeError("scoring failed")
-    assert Journal(tmp_path / "kb.duckdb.journal").size() == 0
+    assert list(Journal(tmp_path / "kb.duckdb.journal").read()) == []
     assert store.get_decision("dec-doomed") is None
     assert store.active_escalation_ids(["fp"]) == {}
     store.close()
@@ -143,10 +145,12 @@ def test_a_crash_loses_no_acknowledged_check_and_replays_each_once(tmp_path: Pat
         os._exit(0)
     """)
     subprocess.run([sys.executable, "-c", child], check=True, timeout=120)
-    lines = (tmp_path / "kb.duckdb.journal").read_bytes().splitlines()
-    assert len(lines) == 6
+    journal = tmp_path / "kb.duckdb.journal"
+    assert [seq for seq, _ in Journal(journal).read()] == list(range(5, 11))
     # A crash mid-append leaves a torn line: never acknowledged, so ignored.
-    with (tmp_path / "kb.duckdb.journal").open("ab") as f:
+    end = sum(len(line) for line in journal.read_bytes().splitlines(keepends=True)[:6])
+    with journal.open("r+b") as f:
+        f.seek(end)
         f.write(b"11 0badc0de [[\"decisions\"")
     store = Store(path)
     rows = store.sql("SELECT decision_id FROM decisions ORDER BY created_at")
@@ -251,3 +255,50 @@ def test_handoffs_opened_by_many_checks_apply_in_one_batch_intact(tmp_path: Path
         assert store.escalation_events(rec.escalation_id) == [
             (rec.decision_id, {"title": rec.fingerprint})]
     store.close()
+
+
+def _ops(n: int, width: int) -> list[tuple[str, Any]]:
+    return [("decisions", [[f"dec-{n}", "x" * width]])]
+
+
+def test_appends_overwrite_space_written_ahead(tmp_path: Path) -> None:
+    journal = Journal(tmp_path / "j")
+    journal.reset()
+    size = (tmp_path / "j").stat().st_size
+    assert size >= kb.journal.CHUNK
+    for n in range(1, 6):
+        journal.append(n, _ops(n, 100))
+    # No append changed the file's size: fdatasync has no metadata to write.
+    assert (tmp_path / "j").stat().st_size == size
+    assert [seq for seq, _ in Journal(tmp_path / "j").read()] == [1, 2, 3, 4, 5]
+    journal.close()
+
+
+def test_after_a_rewind_only_the_new_groups_are_read(tmp_path: Path) -> None:
+    journal = Journal(tmp_path / "j")
+    journal.reset()
+    for n in range(1, 4):
+        journal.append(n, _ops(n, 500))
+    journal.reset()
+    assert list(Journal(tmp_path / "j").read()) == []
+    # Shorter than the group it overwrites (its tail is left behind), then exactly as long as
+    # the next (an intact older group follows).
+    journal.append(4, _ops(4, 10))
+    assert [seq for seq, _ in Journal(tmp_path / "j").read()] == [4]
+    journal.reset()
+    journal.append(5, _ops(5, 500))
+    assert [seq for seq, _ in Journal(tmp_path / "j").read()] == [5]
+    journal.close()
+
+
+def test_the_file_grows_for_a_burst_larger_than_written_ahead(tmp_path: Path) -> None:
+    journal = Journal(tmp_path / "j")
+    journal.reset()
+    width = kb.journal.CHUNK // 4
+    for n in range(1, 10):
+        journal.append(n, _ops(n, width))
+    assert (tmp_path / "j").stat().st_size >= 9 * width
+    got = list(Journal(tmp_path / "j").read())
+    assert [seq for seq, _ in got] == list(range(1, 10))
+    assert got[-1][1] == [("decisions", [["dec-9", "x" * width]])]
+    journal.close()
