@@ -103,9 +103,9 @@ def test_continuous_ingest_refits_at_a_bounded_share_of_the_time(
     # duration / REFIT_MAX_SHARE when that is longer (5 s / 0.05 = 100 s: not during this load).
     monkeypatch.setattr(api.deja, "REFIT_QUIET", 60.0)
     monkeypatch.setattr(api.deja, "REFIT_MAX_DELAY", 0.3)
-    slow.ingest(_events(0, 20))
     fits = _count_fits(slow)
     slow._fit_seconds = last_fit_seconds
+    slow.ingest(_events(0, 20))
     stop = threading.Event()
     during: list[float] = []
 
