@@ -122,10 +122,6 @@ class Journal:
             else:
                 self._grow(CHUNK)
 
-    def size(self) -> int:
-        """Bytes of groups written since the last reset."""
-        return self._end
-
     def close(self) -> None:
         with self._lock:
             if self._fd >= 0:
