@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 import duckdb
 
+from kb.sql import insert_rows
+
 __all__ = ["Change", "EscalationRecord", "EscalationStore", "count_joins",
            "insert_escalation_events", "insert_escalations"]
 
@@ -47,13 +49,7 @@ def insert_escalations(cur: duckdb.DuckDBPyConnection, rows: Sequence[Sequence[A
             values[i] = _at(values[i])
         for i in _ROW_JSON:
             values[i] = _dump(values[i])
-    if len(table) == 1:
-        cur.execute(f"INSERT INTO escalations ({_COLS}) VALUES (" + ", ".join(
-            "?::JSON" if i in _ROW_JSON else "?" for i in range(len(table[0]))) + ")", table[0])
-        return
-    cur.execute(f"INSERT INTO escalations ({_COLS}) SELECT " + ", ".join(
-        f"unnest(${i + 1})" + ("::JSON" if i in _ROW_JSON else "")
-        for i in range(len(table[0]))), [list(col) for col in zip(*table, strict=True)])
+    insert_rows(cur, f"INSERT INTO escalations ({_COLS}) ", table, _ROW_JSON)
 
 
 def insert_escalation_events(cur: duckdb.DuckDBPyConnection,
